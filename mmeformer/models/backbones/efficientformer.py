@@ -1,0 +1,234 @@
+"""EfficientFormer (V1) backbone.
+
+Paper: "EfficientFormer: Vision Transformers at MobileNet Speed", Li et al., NeurIPS 2022
+(arXiv:2206.01191). Four stages at strides 4/8/16/32: PoolFormer-style 4D blocks, then
+multi-head self-attention blocks on the tokens of the last stage.
+
+Parameter names follow timm's layout (``stem``, ``stages.i.downsample``, ``stages.i.blocks.j``,
+``ls1.gamma``) so timm weights load as they are; the original releases are converted by
+:mod:`mmeformer.checkpoint`. Output norms (``out_norms.i``) are those of the dense backbone.
+"""
+import math
+from collections import OrderedDict
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...registry import MODELS
+from ..layers import (LayerScale, RelativeBiasAttention, drop_path_or_identity, run_blocks,
+                      stochastic_depth_rates)
+from .base import MobileBackbone, resolve_arch
+
+
+class Attention(RelativeBiasAttention):
+    """Multi-head self-attention on (B, N, C) tokens with a relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, key_dim: int, attn_ratio: float,
+                 table_size: int, bias_mode: str, ref_grid: Optional[int]):
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.val_dim = int(attn_ratio * key_dim)
+        self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.val_dim))
+        self.proj = nn.Linear(num_heads * self.val_dim, dim)
+        self._init_bias_table(num_heads, table_size, bias_mode=bias_mode, ref_key_size=ref_grid)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        b, n, _ = x.shape
+        # Per head the projection is laid out as [q | k | v].
+        qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=-1)
+        bias = self.attention_bias(hw, hw).to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(x.transpose(1, 2).reshape(b, n, -1))
+
+
+class PoolMlp(nn.Module):
+    """1x1 conv MLP with BatchNorm, on NCHW maps."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.norm1 = nn.BatchNorm2d(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.norm2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x):
+        return self.norm2(self.fc2(self.act(self.norm1(self.fc1(x)))))
+
+
+class TokenMlp(nn.Module):
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PoolBlock(nn.Module):
+    """4D block: ``x + ls1 * (avgpool3x3(x) - x)``, then ``x + ls2 * mlp(x)``."""
+
+    def __init__(self, dim: int, mlp_ratio: float, layer_scale_init: float, drop_path: float):
+        super().__init__()
+        self.ls1 = LayerScale(dim, layer_scale_init)
+        self.mlp = PoolMlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x: torch.Tensor, hw=None) -> torch.Tensor:
+        pooled = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        x = x + self.drop_path(self.ls1(pooled - x))
+        return x + self.drop_path(self.ls2(self.mlp(x)))
+
+
+class AttentionBlock(nn.Module):
+    """3D (token) block: pre-LN attention and pre-LN MLP, each with a layer scale."""
+
+    def __init__(self, dim: int, mlp_ratio: float, layer_scale_init: float, drop_path: float,
+                 attn_cfg: dict):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.token_mixer = Attention(dim, **attn_cfg)
+        self.ls1 = LayerScale(dim, layer_scale_init, channel_dim=-1)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = TokenMlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init, channel_dim=-1)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), hw)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class MapToTokens(nn.Module):
+    """(B, C, H, W) -> (B, H*W, C). Sits where the original code has its ``Flat`` module, so that
+    block indices (and checkpoint keys) stay those of the original and timm."""
+
+    def forward(self, x: torch.Tensor, hw=None) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class Downsample(nn.Module):
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class EfficientFormerStage(nn.Module):
+
+    def __init__(self, in_channels: int, dim: int, depth: int, num_vit: int, mlp_ratio: float,
+                 layer_scale_init: float, drop_paths: Sequence[float], attn_cfg: dict,
+                 with_cp: bool, downsample: bool):
+        super().__init__()
+        self.downsample = Downsample(in_channels, dim) if downsample else nn.Identity()
+        blocks = []
+        for j in range(depth):
+            if num_vit and j == depth - num_vit:
+                blocks.append(MapToTokens())
+            if j >= depth - num_vit:
+                blocks.append(AttentionBlock(dim, mlp_ratio, layer_scale_init, drop_paths[j],
+                                             attn_cfg))
+            else:
+                blocks.append(PoolBlock(dim, mlp_ratio, layer_scale_init, drop_paths[j]))
+        self.blocks = nn.Sequential(*blocks)
+        self.with_cp = with_cp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        b, c, h, w = x.shape
+        x = run_blocks(self.blocks, x, self.with_cp, (h, w))
+        if x.dim() == 3:
+            x = x.transpose(1, 2).reshape(b, c, h, w)
+        return x
+
+
+@MODELS.register_module()
+class EfficientFormer(MobileBackbone):
+    """EfficientFormer (V1) backbone, arch ``'l1'``, ``'l3'``, ``'l7'`` or a dict.
+
+    Args:
+        arch: name or dict with ``depths``, ``widths``, ``num_vit`` (attention blocks at the
+            end of the last stage).
+        in_channels: image channels.
+        bias_mode: ``'table'`` (geometrically resized ImageNet 7x7 table; default) or
+            ``'official'`` (the snap-research dense backbone: ``*_seg`` tables of a reference
+            grid of ``ceil(bias_img_size / 32)`` and a bicubic resize of the bias matrix).
+        bias_img_size: reference image size of ``'official'`` mode: 800 for the released COCO
+            weights, 512 for the ADE20K ones.
+        out_indices: stages whose outputs are returned (strides 4, 8, 16, 32).
+        frozen_stages: -1 none, 0 the stem, k the stem and the first k stages.
+        norm_eval: keep BatchNorm layers in eval mode while training.
+        drop_path_rate: stochastic depth, increasing linearly over the blocks.
+        with_cp: gradient checkpointing per block.
+        out_norm_cfg: norm applied to each returned level; the dense release uses
+            ``dict(type='GN', num_groups=1)``.
+        init_cfg: e.g. ``dict(type='Pretrained', checkpoint=PATH, prefix=None)``.
+    """
+    family = 'EfficientFormer'
+    arch_settings = {
+        'l1': dict(depths=[3, 2, 6, 4], widths=[48, 96, 224, 448], num_vit=1),
+        'l3': dict(depths=[4, 4, 12, 6], widths=[64, 128, 320, 512], num_vit=4),
+        'l7': dict(depths=[6, 6, 18, 8], widths=[96, 192, 384, 768], num_vit=8),
+    }
+    num_heads, key_dim, attn_ratio, mlp_ratio, table_size = 8, 32, 4, 4, 7
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'l1',
+                 in_channels: int = 3,
+                 bias_mode: str = 'table',
+                 bias_img_size: Optional[int] = None,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 drop_path_rate: float = 0.,
+                 layer_scale_init_value: float = 1e-5,
+                 with_cp: bool = False,
+                 out_norm_cfg: Optional[dict] = dict(type='GN', num_groups=1),
+                 init_cfg: Optional[dict] = None):
+        super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg)
+        self.arch = resolve_arch(arch, self.arch_settings, self.family)
+        depths, widths = self.arch['depths'], self.arch['widths']
+        if bias_mode == 'official' and bias_img_size is None:
+            raise ValueError("bias_mode='official' needs bias_img_size: 800 for the released "
+                             'COCO weights, 512 for the ADE20K ones')
+        self.bias_mode, self.bias_img_size = bias_mode, bias_img_size
+        attn_cfg = dict(
+            num_heads=self.num_heads, key_dim=self.key_dim, attn_ratio=self.attn_ratio,
+            table_size=self.table_size, bias_mode=bias_mode,
+            ref_grid=math.ceil(bias_img_size / 32) if bias_mode == 'official' else None)
+
+        half = widths[0] // 2
+        self.stem = nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(in_channels, half, 3, 2, 1), norm1=nn.BatchNorm2d(half),
+            act1=nn.ReLU(),
+            conv2=nn.Conv2d(half, widths[0], 3, 2, 1), norm2=nn.BatchNorm2d(widths[0]),
+            act2=nn.ReLU()))
+        rates = stochastic_depth_rates(drop_path_rate, depths)
+        stages, prev = [], widths[0]
+        for i, (depth, width) in enumerate(zip(depths, widths)):
+            num_vit = self.arch['num_vit'] if i == len(depths) - 1 else 0
+            stages.append(EfficientFormerStage(prev, width, depth, num_vit, self.mlp_ratio,
+                                               layer_scale_init_value, rates[i], attn_cfg,
+                                               with_cp, downsample=i > 0))
+            prev = width
+        self.stages = nn.ModuleList(stages)
+        self._init_default_weights()
+        self._setup_outputs(widths, [4, 8, 16, 32], out_norm_cfg)
+
+    def _init_default_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=.02)
+                nn.init.zeros_(module.bias)

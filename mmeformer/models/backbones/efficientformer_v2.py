@@ -1,0 +1,258 @@
+"""EfficientFormerV2 backbone.
+
+Paper: "Rethinking Vision Transformers for MobileNet Size and Speed", Li et al., ICCV 2023
+(arXiv:2212.08059). Four stages at strides 4/8/16/32 of conv FFN blocks; the last blocks of
+stages 3 and 4 add 4D multi-head attention with talking heads (stage 3 attends at 1/32 through a
+strided depthwise conv and upsamples back), and the 3->4 downsampling adds an attention path.
+
+Parameter names follow timm's layout (``stem.conv1.conv``, ``stages.i.blocks.j.token_mixer``,
+``stages.3.downsample.attn``) so timm weights load as they are; the original releases are
+converted by :mod:`mmeformer.checkpoint`.
+"""
+import math
+from collections import OrderedDict
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...registry import MODELS
+from ..layers import (ConvNorm, LayerScale, RelativeBiasAttention, drop_path_or_identity,
+                      run_blocks, stochastic_depth_rates)
+from .base import MobileBackbone, resolve_arch
+
+
+def _heads_first(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, heads * c, H, W) -> (B, heads, H * W, c)."""
+    b = t.shape[0]
+    return t.flatten(2).view(b, num_heads, -1, t.shape[-2] * t.shape[-1]).transpose(-2, -1)
+
+
+class Attention4D(RelativeBiasAttention):
+    """Attention on NCHW maps with talking heads; optionally attends at half resolution."""
+
+    def __init__(self, dim: int, stride: int, bias_mode: str, ref_grid: Optional[int],
+                 num_heads: int = 8, key_dim: int = 32, attn_ratio: int = 4, table_size: int = 7):
+        super().__init__()
+        self.num_heads, self.key_dim = num_heads, key_dim
+        self.scale = key_dim ** -0.5
+        self.val_dim = attn_ratio * key_dim
+        inner = self.val_dim * num_heads
+        self.stride_conv = (ConvNorm(dim, dim, 3, stride=2, groups=dim) if stride == 2 else None)
+        self.q = ConvNorm(dim, key_dim * num_heads)
+        self.k = ConvNorm(dim, key_dim * num_heads)
+        self.v = ConvNorm(dim, inner)
+        self.v_local = ConvNorm(inner, inner, 3, groups=inner)
+        self.talking_head1 = nn.Conv2d(num_heads, num_heads, 1)
+        self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1)
+        self.act = nn.GELU()
+        self.proj = ConvNorm(inner, dim)
+        self._init_bias_table(num_heads, table_size, bias_mode=bias_mode, ref_key_size=ref_grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        full_size = x.shape[-2:]
+        if self.stride_conv is not None:
+            x = self.stride_conv(x)
+        b, _, h, w = x.shape
+        q = _heads_first(self.q(x), self.num_heads)
+        k = _heads_first(self.k(x), self.num_heads)
+        v = self.v(x)
+        v_local = self.v_local(v)
+        v = _heads_first(v, self.num_heads)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + self.attention_bias((h, w), (h, w))
+        attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
+        out = (attn @ v).transpose(-2, -1).reshape(b, -1, h, w) + v_local
+        if self.stride_conv is not None:
+            # Back to the exact input size (the dense reference crashes on odd sizes here).
+            out = F.interpolate(out, size=full_size, mode='bilinear', align_corners=False)
+        return self.proj(self.act(out))
+
+
+class LocalGlobalQuery(nn.Module):
+    """Query of the attention downsample: dw3x3 stride-2 conv + stride-2 subsampling, 1x1 conv."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.local = nn.Conv2d(in_dim, in_dim, 3, 2, 1, groups=in_dim)
+        self.proj = ConvNorm(in_dim, out_dim)
+
+    def forward(self, x):
+        # avg_pool2d(kernel 1, stride 2) is plain subsampling: x[..., ::2, ::2].
+        return self.proj(self.local(x) + x[..., ::2, ::2])
+
+
+class AttentionDownsample(RelativeBiasAttention):
+    """Attention path of the 3->4 downsampling: queries at 1/2 resolution, keys at full."""
+
+    def __init__(self, dim: int, out_dim: int, bias_mode: str, ref_grid: Optional[int],
+                 num_heads: int = 8, key_dim: int = 16, attn_ratio: int = 4,
+                 table_size: int = 14):
+        super().__init__()
+        self.num_heads, self.key_dim = num_heads, key_dim
+        self.val_dim = attn_ratio * key_dim
+        inner = self.val_dim * num_heads
+        self.q = LocalGlobalQuery(dim, key_dim * num_heads)
+        self.k = ConvNorm(dim, key_dim * num_heads)
+        self.v = ConvNorm(dim, inner)
+        self.v_local = ConvNorm(inner, inner, 3, stride=2, groups=inner)
+        self.act = nn.GELU()
+        self.proj = ConvNorm(inner, out_dim)
+        self._init_bias_table(num_heads, table_size, query_step=2, bias_mode=bias_mode,
+                              ref_key_size=ref_grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x)
+        b, _, hq, wq = q.shape
+        v = self.v(x)
+        v_local = self.v_local(v)
+        bias = self.attention_bias((hq, wq), tuple(x.shape[-2:])).to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            _heads_first(q, self.num_heads), _heads_first(self.k(x), self.num_heads),
+            _heads_first(v, self.num_heads), attn_mask=bias)
+        out = out.transpose(-2, -1).reshape(b, -1, hq, wq) + v_local
+        return self.proj(self.act(out))
+
+
+class Downsample(nn.Module):
+    """conv3x3 stride 2 + BN, plus an attention path into the last stage."""
+
+    def __init__(self, in_channels: int, out_channels: int, attn_cfg: Optional[dict]):
+        super().__init__()
+        self.conv = ConvNorm(in_channels, out_channels, 3, stride=2)
+        self.attn = (AttentionDownsample(in_channels, out_channels, **attn_cfg)
+                     if attn_cfg is not None else None)
+
+    def forward(self, x):
+        out = self.conv(x)
+        return out + self.attn(x) if self.attn is not None else out
+
+
+class ConvMlp(nn.Module):
+    """1x1 conv -> GELU -> dw3x3 -> GELU -> 1x1 conv, each conv with BN."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = ConvNorm(dim, hidden)
+        self.mid = ConvNorm(hidden, hidden, 3, groups=hidden)
+        self.fc2 = ConvNorm(hidden, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.fc2(self.act(self.mid(self.act(self.fc1(x)))))
+
+
+class EfficientFormerV2Block(nn.Module):
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float, layer_scale_init: float,
+                 attn_cfg: Optional[dict]):
+        super().__init__()
+        self.token_mixer = Attention4D(dim, **attn_cfg) if attn_cfg is not None else None
+        self.ls1 = LayerScale(dim, layer_scale_init) if attn_cfg is not None else None
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x):
+        if self.token_mixer is not None:
+            x = x + self.drop_path(self.ls1(self.token_mixer(x)))
+        return x + self.drop_path(self.ls2(self.mlp(x)))
+
+
+class EfficientFormerV2Stage(nn.Module):
+
+    def __init__(self, downsample: Optional[nn.Module], blocks, with_cp: bool):
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+        self.with_cp = with_cp
+
+    def forward(self, x):
+        return run_blocks(self.blocks, self.downsample(x), self.with_cp)
+
+
+@MODELS.register_module()
+class EfficientFormerV2(MobileBackbone):
+    """EfficientFormerV2 backbone, arch ``'s0'``, ``'s1'``, ``'s2'``, ``'l'`` or a dict.
+
+    Args:
+        arch: name or dict with ``depths``, ``widths``, ``num_vit`` (attention blocks at the end
+            of stages 3 and 4) and ``mlp_ratios`` (one list per stage, one ratio per block).
+        bias_mode: ``'table'`` (default) or ``'official'`` (snap-research dense backbone, with
+            reference grids derived from ``bias_img_size``: 800 for COCO, 512 for ADE20K).
+        Other arguments as :class:`~mmeformer.models.EfficientFormer`.
+    """
+    family = 'EfficientFormerV2'
+    arch_settings = {
+        's0': dict(depths=[2, 2, 6, 4], widths=[32, 48, 96, 176], num_vit=2,
+                   mlp_ratios=[[4] * 2, [4] * 2, [4, 3, 3, 3, 4, 4], [4, 3, 3, 4]]),
+        's1': dict(depths=[3, 3, 9, 6], widths=[32, 48, 120, 224], num_vit=2,
+                   mlp_ratios=[[4] * 3, [4] * 3, [4, 4, 3, 3, 3, 3, 4, 4, 4],
+                               [4, 4, 3, 3, 4, 4]]),
+        's2': dict(depths=[4, 4, 12, 8], widths=[32, 64, 144, 288], num_vit=4,
+                   mlp_ratios=[[4] * 4, [4] * 4, [4, 4] + [3] * 6 + [4] * 4,
+                               [4, 4, 3, 3, 3, 3, 4, 4]]),
+        'l': dict(depths=[5, 5, 15, 10], widths=[40, 80, 192, 384], num_vit=6,
+                  mlp_ratios=[[4] * 5, [4] * 5, [4] * 4 + [3] * 7 + [4] * 4,
+                              [4, 4, 4, 3, 3, 3, 3, 4, 4, 4]]),
+    }
+
+    def __init__(self,
+                 arch: Union[str, dict] = 's0',
+                 in_channels: int = 3,
+                 bias_mode: str = 'table',
+                 bias_img_size: Optional[int] = None,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 drop_path_rate: float = 0.,
+                 layer_scale_init_value: float = 1e-5,
+                 with_cp: bool = False,
+                 out_norm_cfg: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg)
+        self.arch = resolve_arch(arch, self.arch_settings, self.family)
+        depths, widths = self.arch['depths'], self.arch['widths']
+        num_vit = self.arch['num_vit']
+        for depth, ratios in zip(depths, self.arch['mlp_ratios']):
+            if len(ratios) != depth:
+                raise ValueError(f'mlp_ratios must give one ratio per block: {ratios} for depth '
+                                 f'{depth}')
+        if bias_mode == 'official' and bias_img_size is None:
+            raise ValueError("bias_mode='official' needs bias_img_size: 800 for the released "
+                             'COCO weights, 512 for the ADE20K ones')
+        self.bias_mode, self.bias_img_size = bias_mode, bias_img_size
+
+        def ref_grid(stride):
+            if bias_mode != 'official':
+                return None
+            return math.ceil(bias_img_size / stride)
+
+        # Reference grids of the dense release: stage-3 attention works after its stride-2
+        # conv, i.e. on ceil(ceil(img / 16) / 2); the downsample keys live at 1/16.
+        stage_attn = {
+            2: dict(stride=2, bias_mode=bias_mode,
+                    ref_grid=None if bias_mode != 'official' else math.ceil(ref_grid(16) / 2)),
+            3: dict(stride=1, bias_mode=bias_mode, ref_grid=ref_grid(32)),
+        }
+        down_attn = dict(bias_mode=bias_mode, ref_grid=ref_grid(16))
+
+        self.stem = nn.Sequential(OrderedDict(
+            conv1=ConvNorm(in_channels, widths[0] // 2, 3, stride=2), act1=nn.GELU(),
+            conv2=ConvNorm(widths[0] // 2, widths[0], 3, stride=2), act2=nn.GELU()))
+        rates = stochastic_depth_rates(drop_path_rate, depths)
+        stages, last = [], len(depths) - 1
+        for i, depth in enumerate(depths):
+            downsample = None
+            if i > 0:
+                downsample = Downsample(widths[i - 1], widths[i],
+                                        down_attn if i == last and num_vit else None)
+            blocks = [
+                EfficientFormerV2Block(
+                    widths[i], self.arch['mlp_ratios'][i][j], rates[i][j], layer_scale_init_value,
+                    stage_attn.get(i) if i >= 2 and j >= depth - num_vit else None)
+                for j in range(depth)
+            ]
+            stages.append(EfficientFormerV2Stage(downsample, blocks, with_cp))
+        self.stages = nn.ModuleList(stages)
+        self._setup_outputs(widths, [4, 8, 16, 32], out_norm_cfg)

@@ -1,0 +1,253 @@
+"""EfficientViT backbone (Microsoft, cascaded group attention; arch m0 - m5).
+
+Paper: "EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention",
+Liu et al., CVPR 2023 (arXiv:2305.07027). Not MIT-HAN's EfficientViT (B/L series).
+
+Three stages at strides 16/32/64 of "sandwich" blocks (dw conv, FFN, local window cascaded
+group attention, dw conv, FFN). Follows the official downstream semantics: 7x7 windows in every
+stage, the feature map zero-padded to a multiple of the window (also when it is smaller than one
+window, where the reference code crashes), padded tokens not masked.
+
+Parameter names follow timm's layout (``patch_embed.conv1``, ``stages.i.downsample``,
+``stages.i.blocks.j.mixer.m.attn``); the original releases are converted by
+:mod:`mmeformer.checkpoint`.
+"""
+from collections import OrderedDict
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...registry import MODELS
+from ..layers import (ConvNorm, RelativeBiasAttention, drop_path_or_identity, run_blocks,
+                      stochastic_depth_rates)
+from .base import MobileBackbone, resolve_arch
+
+
+class Residual(nn.Module):
+    """``x + drop_path(m(x))``."""
+
+    def __init__(self, module: nn.Module, drop_path: float = 0.):
+        super().__init__()
+        self.m = module
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x):
+        return x + self.drop_path(self.m(x))
+
+
+class FFN(nn.Module):
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.pw1 = ConvNorm(dim, hidden, bias=False)
+        self.act = nn.ReLU()
+        self.pw2 = ConvNorm(hidden, dim, bias=False, bn_weight_init=0.)
+
+    def forward(self, x):
+        return self.pw2(self.act(self.pw1(x)))
+
+
+def dw_conv(dim: int) -> ConvNorm:
+    return ConvNorm(dim, dim, 3, groups=dim, bias=False)
+
+
+class CascadedGroupAttention(RelativeBiasAttention):
+    """Each head attends on its own channel chunk plus the previous head's output."""
+
+    def __init__(self, dim: int, num_heads: int, key_dim: int, window_size: int,
+                 kernels: Sequence[int]):
+        super().__init__()
+        self.num_heads, self.key_dim = num_heads, key_dim
+        self.val_dim = dim // num_heads
+        self.qkvs = nn.ModuleList(
+            ConvNorm(dim // num_heads, 2 * key_dim + self.val_dim, bias=False)
+            for _ in range(num_heads))
+        self.dws = nn.ModuleList(
+            ConvNorm(key_dim, key_dim, kernels[i], groups=key_dim, bias=False)
+            for i in range(num_heads))
+        self.proj = nn.Sequential(
+            nn.ReLU(), ConvNorm(self.val_dim * num_heads, dim, bias=False, bn_weight_init=0.))
+        self._init_bias_table(num_heads, window_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        bias = self.attention_bias((h, w), (h, w)).to(x.dtype)
+        chunks = x.chunk(self.num_heads, dim=1)
+        outs, feat = [], chunks[0]
+        for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
+            if i > 0:
+                feat = feat + chunks[i]
+            q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], dim=1)
+            q = dw(q)
+            out = F.scaled_dot_product_attention(
+                q.flatten(2).transpose(1, 2), k.flatten(2).transpose(1, 2),
+                v.flatten(2).transpose(1, 2), attn_mask=bias[i])
+            feat = out.transpose(1, 2).reshape(b, self.val_dim, h, w)
+            outs.append(feat)
+        return self.proj(torch.cat(outs, dim=1))
+
+
+class LocalWindowAttention(nn.Module):
+    """Cascaded group attention inside non-overlapping windows of a zero-padded map."""
+
+    def __init__(self, dim: int, num_heads: int, key_dim: int, window_size: int,
+                 kernels: Sequence[int]):
+        super().__init__()
+        self.window_size = window_size
+        self.attn = CascadedGroupAttention(dim, num_heads, key_dim, window_size, kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        ws = self.window_size
+        pad_b, pad_r = (-h) % ws, (-w) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, pad_r, 0, pad_b))
+        nh, nw = (h + pad_b) // ws, (w + pad_r) // ws
+        windows = (x.view(b, c, nh, ws, nw, ws).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(b * nh * nw, c, ws, ws))
+        windows = self.attn(windows)
+        x = (windows.view(b, nh, nw, c, ws, ws).permute(0, 3, 1, 4, 2, 5)
+             .reshape(b, c, nh * ws, nw * ws))
+        return x[:, :, :h, :w] if (pad_b or pad_r) else x
+
+
+class EfficientViTBlock(nn.Module):
+
+    def __init__(self, dim: int, num_heads: int, key_dim: int, window_size: int,
+                 kernels: Sequence[int], mlp_ratio: int, drop_path: float):
+        super().__init__()
+        self.dw0 = Residual(dw_conv(dim), drop_path)
+        self.ffn0 = Residual(FFN(dim, dim * mlp_ratio), drop_path)
+        self.mixer = Residual(
+            LocalWindowAttention(dim, num_heads, key_dim, window_size, kernels), drop_path)
+        self.dw1 = Residual(dw_conv(dim), drop_path)
+        self.ffn1 = Residual(FFN(dim, dim * mlp_ratio), drop_path)
+
+    def forward(self, x):
+        return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
+
+
+class SqueezeExcite(nn.Module):
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        return x * self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))).sigmoid()
+
+
+class PatchMerging(nn.Module):
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        hidden = dim * 4
+        self.conv1 = ConvNorm(dim, hidden, bias=False)
+        self.act = nn.ReLU()
+        self.conv2 = ConvNorm(hidden, hidden, 3, stride=2, groups=hidden, bias=False)
+        self.se = SqueezeExcite(hidden, hidden // 4)
+        self.conv3 = ConvNorm(hidden, out_dim, bias=False)
+
+    def forward(self, x):
+        return self.conv3(self.se(self.act(self.conv2(self.act(self.conv1(x))))))
+
+
+class EfficientViTDownsample(nn.Module):
+    """[residual dw, residual FFN] -> patch merging -> [residual dw, residual FFN]."""
+
+    def __init__(self, dim: int, out_dim: int, mlp_ratio: int, drop_path: float):
+        super().__init__()
+        self.res1 = nn.Sequential(Residual(dw_conv(dim), drop_path),
+                                  Residual(FFN(dim, dim * mlp_ratio), drop_path))
+        self.patchmerge = PatchMerging(dim, out_dim)
+        self.res2 = nn.Sequential(Residual(dw_conv(out_dim), drop_path),
+                                  Residual(FFN(out_dim, out_dim * mlp_ratio), drop_path))
+
+    def forward(self, x):
+        return self.res2(self.patchmerge(self.res1(x)))
+
+
+class EfficientViTStage(nn.Module):
+
+    def __init__(self, downsample: Optional[nn.Module], blocks, with_cp: bool):
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+        self.with_cp = with_cp
+
+    def forward(self, x):
+        return run_blocks(self.blocks, self.downsample(x), self.with_cp)
+
+
+@MODELS.register_module()
+class EfficientViT(MobileBackbone):
+    """EfficientViT (cascaded group attention) backbone, arch ``'m0'`` ... ``'m5'`` or a dict.
+
+    Args:
+        arch: name or dict with ``widths``, ``depths``, ``num_heads`` (per stage) and
+            ``kernels`` (q depthwise kernel per head index).
+        window_size: attention window (7 in every stage, the downstream setting).
+        out_indices: stages returned, strides 16, 32, 64.
+        Other arguments as :class:`~mmeformer.models.EfficientFormer`; ``out_norm_cfg``
+        defaults to None.
+    """
+    family = 'EfficientViT'
+    arch_settings = {
+        'm0': dict(widths=[64, 128, 192], depths=[1, 2, 3], num_heads=[4, 4, 4],
+                   kernels=[5, 5, 5, 5]),
+        'm1': dict(widths=[128, 144, 192], depths=[1, 2, 3], num_heads=[2, 3, 3],
+                   kernels=[7, 5, 3, 3]),
+        'm2': dict(widths=[128, 192, 224], depths=[1, 2, 3], num_heads=[4, 3, 2],
+                   kernels=[7, 5, 3, 3]),
+        'm3': dict(widths=[128, 240, 320], depths=[1, 2, 3], num_heads=[4, 3, 4],
+                   kernels=[5, 5, 5, 5]),
+        'm4': dict(widths=[128, 256, 384], depths=[1, 2, 3], num_heads=[4, 4, 4],
+                   kernels=[7, 5, 3, 3]),
+        'm5': dict(widths=[192, 288, 384], depths=[1, 3, 4], num_heads=[3, 3, 4],
+                   kernels=[7, 5, 3, 3]),
+    }
+    key_dim, mlp_ratio = 16, 2
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'm4',
+                 in_channels: int = 3,
+                 window_size: int = 7,
+                 out_indices: Sequence[int] = (0, 1, 2),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 drop_path_rate: float = 0.,
+                 with_cp: bool = False,
+                 out_norm_cfg: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg)
+        self.arch = resolve_arch(arch, self.arch_settings, self.family)
+        widths, depths = self.arch['widths'], self.arch['depths']
+        self.window_size = window_size
+        w0 = widths[0]
+        self.patch_embed = nn.Sequential(OrderedDict(
+            conv1=ConvNorm(in_channels, w0 // 8, 3, stride=2, bias=False), act1=nn.ReLU(),
+            conv2=ConvNorm(w0 // 8, w0 // 4, 3, stride=2, bias=False), act2=nn.ReLU(),
+            conv3=ConvNorm(w0 // 4, w0 // 2, 3, stride=2, bias=False), act3=nn.ReLU(),
+            conv4=ConvNorm(w0 // 2, w0, 3, stride=2, bias=False)))
+        rates = stochastic_depth_rates(drop_path_rate, depths)
+        stages = []
+        for i, (width, depth, heads) in enumerate(zip(widths, depths, self.arch['num_heads'])):
+            downsample = None
+            if i > 0:
+                downsample = EfficientViTDownsample(widths[i - 1], width, self.mlp_ratio,
+                                                    rates[i][0])
+            blocks = [
+                EfficientViTBlock(width, heads, self.key_dim, window_size, self.arch['kernels'],
+                                  self.mlp_ratio, rates[i][j]) for j in range(depth)
+            ]
+            stages.append(EfficientViTStage(downsample, blocks, with_cp))
+        self.stages = nn.ModuleList(stages)
+        self._setup_outputs(widths, [16, 32, 64], out_norm_cfg)
+
+    @property
+    def stem(self) -> nn.Module:
+        return self.patch_embed

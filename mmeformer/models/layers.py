@@ -1,0 +1,224 @@
+"""Building blocks shared by the three backbone families.
+
+Papers: EfficientFormer (Li et al., NeurIPS 2022, arXiv:2206.01191), EfficientFormerV2 (Li et al.,
+ICCV 2023, arXiv:2212.08059) and EfficientViT with cascaded group attention (Liu et al., CVPR 2023,
+arXiv:2305.07027). All three use a LeViT-style learned attention bias indexed by the absolute
+offset (|dy|, |dx|) between a query and a key; :class:`RelativeBiasAttention` owns that table.
+"""
+import math
+from collections import OrderedDict
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+NORM_LAYERS = {
+    'BN': nn.BatchNorm2d,
+    'BN2d': nn.BatchNorm2d,
+    'SyncBN': nn.SyncBatchNorm,
+    'GN': nn.GroupNorm,
+}
+
+
+def build_norm(cfg: Optional[dict], num_channels: int) -> nn.Module:
+    """Build a channels-first norm from an mmcv-style config (``BN``, ``SyncBN`` or ``GN``).
+
+    Implemented here rather than through mmcv so that the backbones need only torch + mmengine.
+    """
+    if cfg is None:
+        return nn.Identity()
+    cfg = dict(cfg)
+    norm_type = cfg.pop('type', None)
+    if norm_type not in NORM_LAYERS:
+        raise ValueError(f'norm type {norm_type!r} is not supported; use one of '
+                         f'{sorted(NORM_LAYERS)} (or None for no norm)')
+    requires_grad = cfg.pop('requires_grad', True)
+    if norm_type == 'GN':
+        if 'num_groups' not in cfg:
+            raise ValueError("a 'GN' norm config needs num_groups, e.g. dict(type='GN', num_groups=1)")
+        layer = nn.GroupNorm(num_channels=num_channels, **cfg)
+    else:
+        layer = NORM_LAYERS[norm_type](num_channels, **cfg)
+    for param in layer.parameters():
+        param.requires_grad = requires_grad
+    return layer
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al., 2016)."""
+
+    def __init__(self, drop_prob: float = 0.):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0. or not self.training:
+            return x
+        keep = 1. - self.drop_prob
+        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+
+def drop_path_or_identity(drop_prob: float) -> nn.Module:
+    return DropPath(drop_prob) if drop_prob > 0. else nn.Identity()
+
+
+def stochastic_depth_rates(drop_path_rate: float, depths) -> list:
+    """Linearly increasing drop-path rates over all blocks, split per stage."""
+    total = sum(depths)
+    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+    out, start = [], 0
+    for depth in depths:
+        out.append(rates[start:start + depth])
+        start += depth
+    return out
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``gamma``; ``channel_dim`` is 1 for NCHW maps and -1 for tokens."""
+
+    def __init__(self, dim: int, init_value: float, channel_dim: int = 1):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim, ), init_value))
+        self.channel_dim = channel_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == 1:
+            return x * self.gamma.view(1, -1, *([1] * (x.dim() - 2)))
+        return x * self.gamma
+
+
+class ConvNorm(nn.Sequential):
+    """Conv2d followed by BatchNorm, stored as ``.conv`` and ``.bn``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 groups: int = 1, bias: bool = True, bn_weight_init: float = 1.):
+        super().__init__(OrderedDict(
+            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                           groups=groups, bias=bias),
+            bn=nn.BatchNorm2d(out_channels)))
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+
+def run_blocks(blocks, x, with_cp: bool, *args):
+    """Run ``blocks`` in order, with activation checkpointing per block when asked and useful."""
+    use_cp = with_cp and torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in blocks.parameters()))
+    for block in blocks:
+        if use_cp and block.training:
+            x = checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
+
+
+def grid_offsets(query_size: Tuple[int, int], key_size: Tuple[int, int], query_step: int = 1,
+                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Absolute offsets (|dy|, |dx|), each (Nq, Nk), between a query grid and a key grid.
+
+    Query point (i, j) sits at key-grid coordinate (i * query_step, j * query_step); both grids
+    are enumerated row-major, which is the token order of ``x.flatten(2)``.
+    """
+    (hq, wq), (hk, wk) = query_size, key_size
+    dy = (torch.arange(hq, device=device)[:, None] * query_step -
+          torch.arange(hk, device=device)[None, :]).abs()
+    dx = (torch.arange(wq, device=device)[:, None] * query_step -
+          torch.arange(wk, device=device)[None, :]).abs()
+    n_q, n_k = hq * wq, hk * wk
+    dy = dy[:, None, :, None].expand(hq, wq, hk, wk).reshape(n_q, n_k)
+    dx = dx[None, :, None, :].expand(hq, wq, hk, wk).reshape(n_q, n_k)
+    return dy, dx
+
+
+BIAS_MODES = ('table', 'official')
+_MAX_CACHED_BIASES = 8
+
+
+class RelativeBiasAttention(nn.Module):
+    """Base class of attention modules with a learned (|dy|, |dx|) bias table.
+
+    ``attention_biases`` has shape (heads, R * R). Two ways to turn it into a (heads, Nq, Nk)
+    bias for the actual token grids:
+
+    * ``'table'``: the R x R table is resized (bicubic) to the key grid, then gathered at the
+      real offsets. Geometrically correct at every size; identical to the classification model
+      when the key grid is R x R (224 px input).
+    * ``'official'``: the snap-research dense backbones. The table belongs to a reference grid of
+      ``ref_key_size``; the full reference bias matrix is gathered, then the *matrix* is resized
+      bicubically to (Nq, Nk). Needed only to reproduce the released COCO / ADE20K weights.
+
+    In eval (and whenever no gradient can flow into the table), results are cached per
+    (grid sizes, device, dtype, table version); the cache is dropped on ``train()``, ``_apply``
+    (``.to()``, ``.half()``, ...) and ``load_state_dict``.
+    """
+
+    def _init_bias_table(self, num_heads: int, table_size: int, query_step: int = 1,
+                         bias_mode: str = 'table', ref_key_size: Optional[int] = None):
+        if bias_mode not in BIAS_MODES:
+            raise ValueError(f'bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}')
+        self.bias_mode = bias_mode
+        self.query_step = query_step
+        self.classification_table_size = table_size
+        if bias_mode == 'official':
+            if ref_key_size is None:
+                raise ValueError("bias_mode='official' needs a reference grid (bias_img_size)")
+            table_size = ref_key_size
+        self.table_size = table_size
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size * table_size))
+        self._bias_cache: Dict[tuple, torch.Tensor] = {}
+
+    # -- cache invalidation -------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        self._bias_cache = {}
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._bias_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._bias_cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # -- bias computation ---------------------------------------------------------------------
+    def attention_bias(self, query_size: Tuple[int, int],
+                       key_size: Tuple[int, int]) -> torch.Tensor:
+        """The (heads, Nq, Nk) additive bias for the given query and key grids."""
+        table = self.attention_biases
+        cacheable = (not self.training and not torch.jit.is_tracing()
+                     and not (torch.is_grad_enabled() and table.requires_grad))
+        if not cacheable:
+            return self._compute_bias(tuple(query_size), tuple(key_size))
+        key = (tuple(query_size), tuple(key_size), table.device, table.dtype, table._version)
+        bias = self._bias_cache.get(key)
+        if bias is None:
+            bias = self._compute_bias(tuple(query_size), tuple(key_size)).detach()
+            if len(self._bias_cache) >= _MAX_CACHED_BIASES:
+                self._bias_cache.pop(next(iter(self._bias_cache)))
+            self._bias_cache[key] = bias
+        return bias
+
+    def _compute_bias(self, query_size, key_size) -> torch.Tensor:
+        table = self.attention_biases
+        heads, side = table.shape[0], self.table_size
+        if self.bias_mode == 'table':
+            grid = table.view(1, heads, side, side)
+            if tuple(key_size) != (side, side):
+                grid = F.interpolate(grid.float(), size=key_size, mode='bicubic',
+                                     align_corners=False).to(table.dtype)
+            dy, dx = grid_offsets(query_size, key_size, self.query_step, table.device)
+            return grid.reshape(heads, -1)[:, dy * key_size[1] + dx]
+        # 'official': gather the reference matrix, then resize the matrix itself.
+        ref_q = math.ceil(side / self.query_step)
+        step = math.ceil(side / ref_q)
+        dy, dx = grid_offsets((ref_q, ref_q), (side, side), step, table.device)
+        bias = table[:, dy * side + dx]
+        n_q, n_k = query_size[0] * query_size[1], key_size[0] * key_size[1]
+        return F.interpolate(bias[None].float(), size=(n_q, n_k), mode='bicubic',
+                             align_corners=False)[0].to(table.dtype)
