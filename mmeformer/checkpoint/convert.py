@@ -133,7 +133,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], family: str):
     """Convert to mmeformer's layout.
 
     Returns ``(converted, dropped, info)``: ``dropped`` maps original key -> reason; ``info``
-    has ``layout`` and ``dense_bias_grid`` (side of the official ``*_seg`` tables, or None).
+    has ``layout`` and ``dense`` (whether the file holds the official ``*_seg`` bias tables).
     """
     if family not in FAMILIES:
         raise ValueError(f'unknown family {family!r}; one of {FAMILIES}')
@@ -159,12 +159,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], family: str):
             raise CheckpointError(f'two checkpoint keys map to {new_key!r}; the file mixes '
                                   f'layouts')
         converted[new_key] = value
-    dense_bias_grid = None
-    if has_seg:
-        # The smallest table is that of the stride-32 grid: ceil(bias_img_size / 32).
-        dense_bias_grid = min(int(round(v.shape[-1] ** 0.5)) for k, v in state_dict.items()
-                              if k.endswith('attention_biases_seg'))
-    return converted, dropped, dict(layout=layout, dense_bias_grid=dense_bias_grid)
+    return converted, dropped, dict(layout=layout, dense=has_seg)
 
 
 # -- arch guessing ------------------------------------------------------------------------------

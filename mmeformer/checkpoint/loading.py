@@ -60,17 +60,23 @@ def _bias_modules(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, RelativeBiasAttention)}
 
 
-def _adapt_bias_tables(model, converted: dict, dropped: dict, dense_grid: Optional[int],
-                       path: str) -> List[str]:
+def _adapt_bias_tables(model, converted: dict, dropped: dict, path: str) -> List[str]:
     """Fit checkpoint bias tables to the model's bias mode; returns the keys resized."""
     resized = []
-    for name, module in _bias_modules(model).items():
+    modules = _bias_modules(model)
+    sides = {}
+    for name, module in modules.items():
+        table = converted.get(f'{name}.attention_biases')
+        if table is not None and table.dim() == 2:
+            sides[name] = int(round(math.sqrt(table.shape[-1])))
+    # Dense releases: the smallest table is the stride-32 grid, ceil(bias_img_size / 32).
+    dense_size = 32 * min(sides.values()) if sides else None
+    for name, module in modules.items():
         key = f'{name}.attention_biases'
         if key not in converted or converted[key].shape == module.attention_biases.shape:
             continue
-        table = converted[key]
+        table, side = converted[key], sides.get(name, 0)
         heads = table.shape[0]
-        side = int(round(math.sqrt(table.shape[-1])))
         if heads != module.attention_biases.shape[0] or side * side != table.shape[-1]:
             continue  # a different arch: reported by the shape check
         if model.family == 'EfficientViT':
@@ -81,21 +87,20 @@ def _adapt_bias_tables(model, converted: dict, dropped: dict, dense_grid: Option
                 grid, size=(module.table_size, module.table_size), mode='bicubic',
                 align_corners=False).reshape(heads, -1).to(table.dtype)
             resized.append(key)
-        elif module.bias_mode == 'table' and dense_grid is not None:
+        elif module.bias_mode == 'table':
             raise CheckpointError(
-                f'{path!r} holds the official dense attention biases (reference grid '
-                f'{dense_grid}x{dense_grid}, i.e. bias_img_size={dense_grid * 32}); build the '
-                f"backbone with bias_mode='official', bias_img_size={dense_grid * 32} to use them")
-        elif module.bias_mode == 'official' and dense_grid is None and \
-                side == module.classification_table_size:
+                f'{path!r} holds the official dense attention biases ({key} is a {side}x{side} '
+                f'table, not the {module.table_size}x{module.table_size} ImageNet one); build the '
+                f"backbone with bias_mode='official', bias_img_size={dense_size} to use them")
+        elif side == module.classification_table_size:
             dropped[key] = ("ImageNet attention bias: bias_mode='official' trains its own "
-                            "reference-grid tables from zero, as the dense release did")
+                            'reference-grid tables from zero, as the dense release did')
             del converted[key]
-        elif module.bias_mode == 'official' and dense_grid is not None:
+        else:
             raise CheckpointError(
-                f'{path!r} holds dense attention biases for bias_img_size={dense_grid * 32} but '
-                f'the backbone was built with bias_img_size={model.bias_img_size}; use '
-                f'bias_img_size={dense_grid * 32}')
+                f'{path!r} holds dense attention biases for bias_img_size={dense_size} but the '
+                f'backbone was built with bias_img_size={model.bias_img_size}; use '
+                f'bias_img_size={dense_size}')
     return resized
 
 
@@ -115,7 +120,7 @@ def load_pretrained(model, path: str, prefix: Optional[str] = None,
             f'{path!r} is a {family} checkpoint' + (f" (arch '{arch}')" if arch else '') +
             f' but the model is {model.arch_description()}; build {family}'
             + (f"(arch='{arch}')" if arch else '') + ' to load it')
-    resized = _adapt_bias_tables(model, converted, dropped, info['dense_bias_grid'], path)
+    resized = _adapt_bias_tables(model, converted, dropped, path)
 
     model_state = model.state_dict()
     mismatched = [(k, tuple(v.shape), tuple(model_state[k].shape))

@@ -1,0 +1,77 @@
+"""Shared helpers: random checkpoints built from the fixture key tables in ../shared."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get('MMEFORMER_SHARED', REPO.parent / 'shared'))
+FIXTURES = SHARED / 'fixtures' / 'official_checkpoints'
+
+ARCHS = {
+    'EfficientFormer': ['l1', 'l3', 'l7'],
+    'EfficientFormerV2': ['s0', 's1', 's2', 'l'],
+    'EfficientViT': ['m0', 'm1', 'm2', 'm3', 'm4', 'm5'],
+}
+ALL_ARCHS = [(family, arch) for family, archs in ARCHS.items() for arch in archs]
+FAMILY_OF_TAG = {'v1': 'EfficientFormer', 'v2': 'EfficientFormerV2', 'ev': 'EfficientViT'}
+
+
+def backbone_class(family):
+    from mmeformer import models
+    return getattr(models, family)
+
+
+def fixture_files():
+    if not FIXTURES.is_dir():
+        raise RuntimeError(f'checkpoint fixtures not found at {FIXTURES}; set MMEFORMER_SHARED')
+    return sorted(FIXTURES.glob('*.json'))
+
+
+def parse_fixture_name(name):
+    """'dense_det_v2_s0' -> ('dense_det', 'EfficientFormerV2', 's0')."""
+    m = re.match(r'(imagenet|dense_det|dense_seg)_(v1|v2|ev)_([a-z0-9]+)$', name)
+    return (m.group(1), FAMILY_OF_TAG[m.group(2)], m.group(3)) if m else None
+
+
+def random_checkpoint(fixture_path, out_path, seed=0, key_order=None):
+    """Write a checkpoint with the fixture's container, keys, shapes and dtypes."""
+    spec = json.loads(Path(fixture_path).read_text())
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, info in spec['keys'].items():
+        dtype = getattr(torch, info['dtype'])
+        if dtype.is_floating_point:
+            state[key] = torch.randn(info['shape'], generator=gen).to(dtype)
+        else:
+            state[key] = torch.zeros(info['shape'], dtype=dtype)
+    if key_order == 'sorted':
+        state = dict(sorted(state.items()))
+    elif key_order == 'reversed':
+        state = dict(reversed(list(state.items())))
+    torch.save({spec['container']: state}, out_path)
+    return spec
+
+
+def randomize_(module, seed=0):
+    """Give every float tensor of ``module`` a non-trivial random value (BN stats included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, value in module.state_dict().items():
+            if not value.is_floating_point():
+                continue
+            if key.endswith('running_var'):
+                value.copy_(torch.rand(value.shape, generator=gen) + 0.5)
+            else:
+                value.copy_(torch.randn(value.shape, generator=gen) * 0.1
+                            + (1. if key.endswith('gamma') else 0.))
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

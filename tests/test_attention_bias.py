@@ -1,0 +1,114 @@
+"""Attention biases against an independent, loop-based rendering of the reference recipes, and
+the eval-time cache against staleness."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmeformer.models import EfficientFormer, EfficientFormerV2
+
+
+def first_appearance_index(query_grid, key_grid, step):
+    """Offsets enumerated as the reference code does: a dict filled in first-appearance order over
+    query points (outer loop) and key points (inner loop), both row-major."""
+    offsets, idxs = {}, []
+    q_points = list(itertools.product(range(query_grid), range(query_grid)))
+    k_points = list(itertools.product(range(key_grid), range(key_grid)))
+    for p1 in q_points:
+        for p2 in k_points:
+            off = (abs(p1[0] * step - p2[0]), abs(p1[1] * step - p2[1]))
+            if off not in offsets:
+                offsets[off] = len(offsets)
+            idxs.append(offsets[off])
+    return torch.tensor(idxs).view(len(q_points), len(k_points))
+
+
+def official_bias(table, ref_key, query_step, n_q, n_k):
+    ref_q = math.ceil(ref_key / query_step)
+    idx = first_appearance_index(ref_q, ref_key, math.ceil(ref_key / ref_q))
+    bias = table[:, idx]
+    return F.interpolate(bias.unsqueeze(0), size=(n_q, n_k), mode='bicubic',
+                         align_corners=False).squeeze(0)
+
+
+def first_attention(model):
+    return next(m for m in model.modules() if hasattr(m, 'attention_biases'))
+
+
+@pytest.mark.parametrize('hw', [(8, 8), (8, 13), (13, 8), (5, 5)])
+def test_v1_official_bias_and_attention_match_reference(hw):
+    model = EfficientFormer('l1', bias_mode='official', bias_img_size=256).eval()  # R = 8
+    attn = first_attention(model)
+    torch.nn.init.normal_(attn.attention_biases)
+    n = hw[0] * hw[1]
+    expected = official_bias(attn.attention_biases.detach(), 8, 1, n, n)
+    torch.testing.assert_close(attn.attention_bias(hw, hw), expected, rtol=0, atol=1e-6)
+
+    # Whole attention written out plainly (softmax(q k^T * scale + bias) v).
+    x = torch.randn(2, n, 448)
+    with torch.no_grad():
+        qkv = attn.qkv(x).view(2, n, 8, -1).transpose(1, 2)
+        q, k, v = qkv.split([32, 32, 128], dim=-1)
+        weights = ((q @ k.transpose(-2, -1)) * 32 ** -0.5 + expected).softmax(-1)
+        ref = attn.proj((weights @ v).transpose(1, 2).reshape(2, n, -1))
+        torch.testing.assert_close(attn(x, hw), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('key_hw', [(16, 16), (16, 25), (7, 9)])
+def test_v2_downsample_official_bias_matches_reference(key_hw):
+    model = EfficientFormerV2('s0', bias_mode='official', bias_img_size=256).eval()
+    attn = model.stages[3].downsample.attn  # key grid ceil(256 / 16) = 16, query grid 8
+    torch.nn.init.normal_(attn.attention_biases)
+    q_hw = tuple(math.ceil(s / 2) for s in key_hw)
+    expected = official_bias(attn.attention_biases.detach(), 16, 2, q_hw[0] * q_hw[1],
+                             key_hw[0] * key_hw[1])
+    torch.testing.assert_close(attn.attention_bias(q_hw, key_hw), expected, rtol=0, atol=1e-6)
+
+
+def test_table_mode_at_224_is_the_classification_gather():
+    model = EfficientFormerV2('s0').eval()
+    for attn, (q, k, step) in [(model.stages[3].blocks[2].token_mixer, (7, 7, 1)),
+                               (model.stages[3].downsample.attn, (7, 14, 2))]:
+        torch.nn.init.normal_(attn.attention_biases)
+        idx = first_appearance_index(q, k, step)
+        assert torch.equal(attn.attention_bias((q, q), (k, k)),
+                           attn.attention_biases.detach()[:, idx])
+
+
+def test_table_mode_resizes_the_table_to_the_grid():
+    model = EfficientFormer('l1').eval()
+    attn = first_attention(model)
+    torch.nn.init.normal_(attn.attention_biases)
+    hw = (4, 10)
+    table = F.interpolate(attn.attention_biases.detach().view(1, 8, 7, 7), size=hw,
+                          mode='bicubic', align_corners=False)[0]
+    points = list(itertools.product(range(hw[0]), range(hw[1])))
+    expected = torch.stack([torch.stack([table[:, abs(a[0] - b[0]), abs(a[1] - b[1])]
+                                         for b in points], dim=-1) for a in points], dim=1)
+    torch.testing.assert_close(attn.attention_bias(hw, hw), expected, rtol=0, atol=0)
+
+
+def test_bias_cache_never_goes_stale():
+    model = EfficientFormer('l1').eval()
+    attn = first_attention(model)
+    hw = (5, 6)
+    with torch.no_grad():
+        first = attn.attention_bias(hw, hw)
+        assert attn.attention_bias(hw, hw) is first  # cached in eval
+        model.double()
+        assert attn.attention_bias(hw, hw).dtype == torch.float64
+        model.float()
+        state = model.state_dict()
+        state['stages.3.blocks.4.token_mixer.attention_biases'] = torch.randn(8, 49)
+        model.load_state_dict(state)
+        after_load = attn.attention_bias(hw, hw)
+        assert not torch.equal(after_load, first)
+        attn.attention_biases.add_(1.)  # in-place edit
+        torch.testing.assert_close(attn.attention_bias(hw, hw), after_load + 1.)
+    model.train()
+    assert attn._bias_cache == {}
+    bias = attn.attention_bias(hw, hw)
+    assert bias.requires_grad  # training: recomputed with gradient, not cached
+    assert attn._bias_cache == {}

@@ -1,0 +1,50 @@
+"""timm as the independent implementation: random timm weights, converted into mmeformer, must give
+timm's stage features (V1/V2 at 224; EfficientViT against timm built with img_size=512, whose
+7x7 windows match the downstream semantics, at 512)."""
+import pytest
+import timm
+import torch
+
+from conftest import ALL_ARCHS, backbone_class, randomize_
+from mmeformer.checkpoint import load_pretrained
+
+
+TIMM_NAMES = {'EfficientFormer': 'efficientformer_{}', 'EfficientFormerV2': 'efficientformerv2_{}',
+              'EfficientViT': 'efficientvit_{}'}
+
+
+@pytest.mark.parametrize('family,arch', ALL_ARCHS)
+def test_stage_features_match_timm(family, arch, tmp_path):
+    is_ev = family == 'EfficientViT'
+    size = 512 if is_ev else 224
+    reference = timm.create_model(TIMM_NAMES[family].format(arch),
+                                  **(dict(img_size=512) if is_ev else {})).eval()
+    randomize_(reference)
+    path = tmp_path / 'timm.pth'
+    torch.save(reference.state_dict(), path)
+
+    model = backbone_class(family)(arch=arch).eval()
+    report = load_pretrained(model, str(path), logger='silent')
+    assert report.unused == []
+    # Only the dense output norms (not part of timm's model) are new.
+    assert all(k.startswith('out_norms.') for k in report.missing)
+
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = reference.forward_intermediates(x, intermediates_only=True)
+        got = model.forward_intermediates(x)
+        outs = model(x)
+    assert len(got) == len(expected) == len(outs)
+    for ref, out in zip(expected, got):
+        assert out.shape == ref.shape
+        scale = ref.abs().max().item()
+        assert scale > 1e-3
+        assert (out - ref).abs().max().item() <= 1e-5 * scale
+
+    # Negative control: the comparison is sensitive to the attention biases.
+    name, module = next((n, m) for n, m in model.named_modules()
+                        if hasattr(m, 'attention_biases'))
+    with torch.no_grad():
+        module.attention_biases.add_(1.0)
+        changed = model.forward_intermediates(x)[-1]
+    assert (changed - expected[-1]).abs().max().item() > 1e-3 * expected[-1].abs().max().item()
