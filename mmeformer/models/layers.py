@@ -118,6 +118,19 @@ def run_blocks(blocks, x, with_cp: bool, *args):
     return x
 
 
+class Stage(nn.Module):
+    """An optional downsampling followed by a sequence of blocks on NCHW maps."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks, with_cp: bool):
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+        self.with_cp = with_cp
+
+    def forward(self, x):
+        return run_blocks(self.blocks, self.downsample(x), self.with_cp)
+
+
 def grid_offsets(query_size: Tuple[int, int], key_size: Tuple[int, int], query_step: int = 1,
                  device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Absolute offsets (|dy|, |dx|), each (Nq, Nk), between a query grid and a key grid.

@@ -81,6 +81,12 @@ class MobileBackbone(BaseModule):
                 {str(i): build_norm(out_norm_cfg, channels[i]) for i in self.out_indices})
         self._freeze_stages()
 
+    def _set_bias_mode(self, bias_mode: str, bias_img_size: Optional[int]):
+        if bias_mode == 'official' and bias_img_size is None:
+            raise ValueError("bias_mode='official' needs bias_img_size: 800 for the released "
+                             'COCO weights, 512 for the ADE20K ones')
+        self.bias_mode, self.bias_img_size = bias_mode, bias_img_size
+
     # -- forward ------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:

@@ -200,10 +200,7 @@ class EfficientFormer(MobileBackbone):
         super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg)
         self.arch = resolve_arch(arch, self.arch_settings, self.family)
         depths, widths = self.arch['depths'], self.arch['widths']
-        if bias_mode == 'official' and bias_img_size is None:
-            raise ValueError("bias_mode='official' needs bias_img_size: 800 for the released "
-                             'COCO weights, 512 for the ADE20K ones')
-        self.bias_mode, self.bias_img_size = bias_mode, bias_img_size
+        self._set_bias_mode(bias_mode, bias_img_size)
         attn_cfg = dict(
             num_heads=self.num_heads, key_dim=self.key_dim, attn_ratio=self.attn_ratio,
             table_size=self.table_size, bias_mode=bias_mode,

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
-from ..layers import (ConvNorm, LayerScale, RelativeBiasAttention, drop_path_or_identity,
-                      run_blocks, stochastic_depth_rates)
+from ..layers import (ConvNorm, LayerScale, RelativeBiasAttention, Stage, drop_path_or_identity,
+                      stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
 
@@ -159,18 +159,6 @@ class EfficientFormerV2Block(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(x)))
 
 
-class EfficientFormerV2Stage(nn.Module):
-
-    def __init__(self, downsample: Optional[nn.Module], blocks, with_cp: bool):
-        super().__init__()
-        self.downsample = downsample if downsample is not None else nn.Identity()
-        self.blocks = nn.Sequential(*blocks)
-        self.with_cp = with_cp
-
-    def forward(self, x):
-        return run_blocks(self.blocks, self.downsample(x), self.with_cp)
-
-
 @MODELS.register_module()
 class EfficientFormerV2(MobileBackbone):
     """EfficientFormerV2 backbone, arch ``'s0'``, ``'s1'``, ``'s2'``, ``'l'`` or a dict.
@@ -218,10 +206,7 @@ class EfficientFormerV2(MobileBackbone):
             if len(ratios) != depth:
                 raise ValueError(f'mlp_ratios must give one ratio per block: {ratios} for depth '
                                  f'{depth}')
-        if bias_mode == 'official' and bias_img_size is None:
-            raise ValueError("bias_mode='official' needs bias_img_size: 800 for the released "
-                             'COCO weights, 512 for the ADE20K ones')
-        self.bias_mode, self.bias_img_size = bias_mode, bias_img_size
+        self._set_bias_mode(bias_mode, bias_img_size)
 
         def ref_grid(stride):
             if bias_mode != 'official':
@@ -253,6 +238,6 @@ class EfficientFormerV2(MobileBackbone):
                     stage_attn.get(i) if i >= 2 and j >= depth - num_vit else None)
                 for j in range(depth)
             ]
-            stages.append(EfficientFormerV2Stage(downsample, blocks, with_cp))
+            stages.append(Stage(downsample, blocks, with_cp))
         self.stages = nn.ModuleList(stages)
         self._setup_outputs(widths, [4, 8, 16, 32], out_norm_cfg)

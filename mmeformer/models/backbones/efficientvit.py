@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
-from ..layers import (ConvNorm, RelativeBiasAttention, drop_path_or_identity, run_blocks,
+from ..layers import (ConvNorm, RelativeBiasAttention, Stage, drop_path_or_identity,
                       stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
@@ -171,18 +171,6 @@ class EfficientViTDownsample(nn.Module):
         return self.res2(self.patchmerge(self.res1(x)))
 
 
-class EfficientViTStage(nn.Module):
-
-    def __init__(self, downsample: Optional[nn.Module], blocks, with_cp: bool):
-        super().__init__()
-        self.downsample = downsample if downsample is not None else nn.Identity()
-        self.blocks = nn.Sequential(*blocks)
-        self.with_cp = with_cp
-
-    def forward(self, x):
-        return run_blocks(self.blocks, self.downsample(x), self.with_cp)
-
-
 @MODELS.register_module()
 class EfficientViT(MobileBackbone):
     """EfficientViT (cascaded group attention) backbone, arch ``'m0'`` ... ``'m5'`` or a dict.
@@ -244,7 +232,7 @@ class EfficientViT(MobileBackbone):
                 EfficientViTBlock(width, heads, self.key_dim, window_size, self.arch['kernels'],
                                   self.mlp_ratio, rates[i][j]) for j in range(depth)
             ]
-            stages.append(EfficientViTStage(downsample, blocks, with_cp))
+            stages.append(Stage(downsample, blocks, with_cp))
         self.stages = nn.ModuleList(stages)
         self._setup_outputs(widths, [16, 32, 64], out_norm_cfg)
 
