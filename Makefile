@@ -18,10 +18,11 @@ PYTEST_ARGS ?=
 
 setup: $(EDITABLE_STAMP)
 
+# torch: '===' skips a local 2.13.0+cpu wheel on which torchvision's ops do not load.
+# setuptools < 81: mmcv's setup.py and mmengine's mmdet::/mmseg:: config lookup need pkg_resources.
 $(STACK_STAMP): requirements/stack.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q 'setuptools>=77.0.3,<81' wheel ninja
-	# '===' skips a local 2.13.0+cpu wheel on which torchvision's ops do not load.
 	$(PY) -m pip install -q 'torch===$(TORCH_VERSION)' 'torchvision==$(TORCHVISION_VERSION)'
 	@if ! ls $(MMCV_WHEEL_DIR)/mmcv-$(MMCV_VERSION)-*.whl >/dev/null 2>&1; then \
 	  echo "Building mmcv $(MMCV_VERSION) with ops against torch $(TORCH_VERSION) (about 17 min on 2 cores, once)"; \

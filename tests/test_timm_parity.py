@@ -41,10 +41,11 @@ def test_stage_features_match_timm(family, arch, tmp_path):
         assert scale > 1e-3
         assert (out - ref).abs().max().item() <= 1e-5 * scale
 
-    # Negative control: the comparison is sensitive to the attention biases.
-    name, module = next((n, m) for n, m in model.named_modules()
-                        if hasattr(m, 'attention_biases'))
+    # Negative control: the comparison is sensitive to the attention biases (a random edit:
+    # a constant shift would be a no-op under the softmax).
+    module = [m for m in model.modules() if hasattr(m, 'attention_biases')][-1]
     with torch.no_grad():
-        module.attention_biases.add_(1.0)
+        module.attention_biases.add_(torch.randn_like(module.attention_biases))
         changed = model.forward_intermediates(x)[-1]
-    assert (changed - expected[-1]).abs().max().item() > 1e-3 * expected[-1].abs().max().item()
+    # At least 10x the parity tolerance: a wrong bias would fail the comparison above.
+    assert (changed - expected[-1]).abs().max().item() > 1e-4 * expected[-1].abs().max().item()
