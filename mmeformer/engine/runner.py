@@ -1,0 +1,235 @@
+"""Building and launching mmengine Runners for the detection and segmentation configs.
+
+The logic behind ``tools/train.py`` and ``tools/test.py`` (which stay thin argument parsers):
+
+* :func:`load_config` reads a config and applies the command-line choices (work dir, resume,
+  AMP, LR auto-scaling, ``--cfg-options``, launcher).
+* :func:`prepare_distributed` picks the process-group backend: NCCL with GPUs, gloo without
+  (mmengine's own initialisation calls ``torch.cuda.set_device`` and wraps the model with
+  ``device_ids``, both of which fail on CPU), and replaces SyncBN by BN on CPU.
+* :func:`build_runner` allow-lists mmengine's checkpoint globals for ``torch.load``
+  (:mod:`mmeformer.engine.safe_load`) and builds the Runner; :func:`train` and :func:`test` run it.
+
+Whether a config is a detector (mmdet) or a segmentor (mmseg) follows from its
+``default_scope``; nothing here depends on the task.
+"""
+import os
+import os.path as osp
+import subprocess
+from typing import Dict, Optional
+
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
+
+from .safe_load import allow_mmengine_checkpoint_globals
+
+LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+
+
+class LaunchError(RuntimeError):
+    """A command-line or environment choice that cannot work; the message names the fix."""
+
+
+def default_work_dir(config_path: str) -> str:
+    """``work_dirs/<path below configs/ without .py>``, e.g.
+    ``configs/detection/toy/maskrcnn_eformer_l1.py`` -> ``work_dirs/detection/toy/maskrcnn_eformer_l1``
+    (so a toy config and its real config never share a work dir)."""
+    path = osp.abspath(config_path)
+    parts = path.split(os.sep)
+    if 'configs' in parts:
+        index = len(parts) - 1 - parts[::-1].index('configs')
+        rel = osp.join(*parts[index + 1:])
+    else:
+        rel = osp.basename(path)
+    return osp.join('work_dirs', osp.splitext(rel)[0])
+
+
+def load_config(config_path: str,
+                work_dir: Optional[str] = None,
+                cfg_options: Optional[dict] = None,
+                launcher: str = 'none',
+                resume: Optional[str] = None,
+                amp: bool = False,
+                auto_scale_lr: bool = False) -> Config:
+    """Read ``config_path`` and apply the command-line choices.
+
+    ``resume``: None (start fresh), ``'auto'`` (the latest checkpoint in the work dir) or a path.
+    """
+    if not osp.isfile(config_path):
+        raise LaunchError(f'config file {config_path!r} does not exist; configs live under '
+                          f'configs/detection/ and configs/segmentation/')
+    if launcher not in LAUNCHERS:
+        raise LaunchError(f'unknown launcher {launcher!r}; choose one of {LAUNCHERS}')
+    cfg = Config.fromfile(config_path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if 'default_scope' not in cfg:
+        raise LaunchError(f'{config_path} sets no default_scope: inherit mmdet:: or mmseg:: '
+                          f'base configs (default_runtime.py) so the task is known')
+    cfg.launcher = launcher
+    cfg.work_dir = work_dir or cfg.get('work_dir') or default_work_dir(config_path)
+
+    if resume is not None:
+        if resume == 'auto':
+            cfg.resume, cfg.load_from = True, None
+        else:
+            if not osp.isfile(resume):
+                raise LaunchError(f'--resume {resume!r}: no such checkpoint file; pass a file or '
+                                  f'use --resume without a value for the latest in the work dir')
+            cfg.resume, cfg.load_from = True, resume
+
+    if amp:
+        if not torch.cuda.is_available():
+            raise LaunchError('--amp needs a CUDA GPU (mmengine\'s AmpOptimWrapper); drop --amp '
+                              'when training on CPU')
+        wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        if wrapper_type == 'AmpOptimWrapper':
+            print_log('AMP is already enabled in the config', logger='current')
+        elif wrapper_type != 'OptimWrapper':
+            raise LaunchError(f'--amp works with optim_wrapper type OptimWrapper, the config '
+                              f'uses {wrapper_type}')
+        else:
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+
+    if auto_scale_lr:
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            raise LaunchError(f'--auto-scale-lr: {config_path} has no '
+                              f'auto_scale_lr.base_batch_size (the total batch of its recipe)')
+        cfg.auto_scale_lr.enable = True
+    return cfg
+
+
+# -- distributed set-up -------------------------------------------------------------------------
+def _replace_sync_bn(node, path: str = 'cfg') -> int:
+    """Replace ``type='SyncBN'`` norm configs by ``'BN'`` in place; return how many."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') == 'SyncBN':
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += _replace_sync_bn(value, path)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += _replace_sync_bn(value, path)
+    return count
+
+
+def _slurm_master_addr() -> str:
+    if os.environ.get('MASTER_ADDR'):
+        return os.environ['MASTER_ADDR']
+    node_list = os.environ.get('SLURM_NODELIST') or os.environ.get('SLURM_JOB_NODELIST')
+    if not node_list:
+        raise LaunchError('--launcher slurm outside a Slurm job step: SLURM_NODELIST is not '
+                          'set; start through tools/slurm_train.sh (srun)')
+    try:
+        out = subprocess.run(['scontrol', 'show', 'hostnames', node_list], check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise LaunchError(f'cannot resolve the Slurm master node ({err}); set MASTER_ADDR') \
+            from err
+    return out.split()[0]
+
+
+def _init_cpu_process_group(launcher: str) -> None:
+    """Start a gloo process group from the launcher's environment (torchrun or srun)."""
+    import torch.distributed as dist
+    if launcher == 'slurm':
+        for src, dst in (('SLURM_PROCID', 'RANK'), ('SLURM_NTASKS', 'WORLD_SIZE'),
+                         ('SLURM_LOCALID', 'LOCAL_RANK')):
+            if src not in os.environ:
+                raise LaunchError(f'--launcher slurm: {src} is not set; start through srun')
+            os.environ[dst] = os.environ[src]
+        os.environ['MASTER_ADDR'] = _slurm_master_addr()
+        os.environ.setdefault('MASTER_PORT', '29500')
+    elif launcher == 'pytorch':
+        missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+                   if k not in os.environ]
+        if missing:
+            raise LaunchError(f'--launcher pytorch: {missing} not set; start through torchrun '
+                              f'(tools/dist_train.sh CONFIG NPROC)')
+    else:
+        raise LaunchError(f"--launcher {launcher} is not supported without a GPU; use 'pytorch' "
+                          f"(torchrun) or 'slurm'")
+    os.environ.setdefault('LOCAL_RANK', '0')
+    dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
+                            world_size=int(os.environ['WORLD_SIZE']))
+
+
+def prepare_distributed(cfg: Config) -> str:
+    """Choose the backend for ``cfg.launcher`` and adapt ``cfg``; returns the backend name
+    ('none', 'nccl' or 'gloo')."""
+    launcher = cfg.get('launcher', 'none')
+    if launcher == 'none':
+        return 'none'
+    env_cfg = cfg.setdefault('env_cfg', ConfigDict())
+    dist_cfg = env_cfg.setdefault('dist_cfg', ConfigDict())
+    if torch.cuda.is_available():
+        dist_cfg.backend = 'nccl'  # mmengine initialises the group itself
+        return 'nccl'
+    dist_cfg.backend = 'gloo'
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        _init_cpu_process_group(launcher)
+    replaced = _replace_sync_bn(cfg._cfg_dict)
+    if replaced:
+        print_log(f'CPU training: replaced {replaced} SyncBN norm config(s) by BN (SyncBN needs '
+                  f'GPUs); the state-dict keys are the same', logger='current')
+    if cfg.get('model_wrapper_cfg') is None:
+        # DDP over CPU modules must not get device_ids (mmengine passes [LOCAL_RANK]).
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+    return 'gloo'
+
+
+# -- runners -----------------------------------------------------------------------------------
+def build_runner(cfg: Config):
+    """Allow-list mmengine's checkpoint globals, set up distribution and build the Runner (from
+    the task's own registry when the config sets ``runner_type``)."""
+    allow_mmengine_checkpoint_globals()
+    prepare_distributed(cfg)
+    if 'runner_type' in cfg:
+        from mmengine.registry import RUNNERS
+        return RUNNERS.build(cfg)
+    from mmengine.runner import Runner
+    return Runner.from_cfg(cfg)
+
+
+def train(cfg: Config):
+    """Train with ``cfg``; returns the (unwrapped) model."""
+    runner = build_runner(cfg)
+    return runner.train()
+
+
+def check_checkpoint_bias_mode(cfg: Config, checkpoint: str) -> None:
+    """Refuse to evaluate a converted official dense checkpoint with a backbone in another bias
+    mode (its weights would load with mismatched bias tables and give wrong metrics)."""
+    from ..checkpoint.detector import read_conversion_meta
+    meta = read_conversion_meta(checkpoint)
+    if not meta or 'bias_mode' not in meta:
+        return
+    backbone = cfg.model.get('backbone', {})
+    want = dict(bias_mode=meta['bias_mode'], bias_img_size=meta.get('bias_img_size'))
+    have = dict(bias_mode=backbone.get('bias_mode', 'table'),
+                bias_img_size=backbone.get('bias_img_size'))
+    if want['bias_mode'] == 'official' and want != have:
+        raise LaunchError(
+            f'{checkpoint} is a released dense checkpoint that needs '
+            f"bias_mode='official', bias_img_size={want['bias_img_size']}, but the config builds "
+            f"bias_mode={have['bias_mode']!r}, bias_img_size={have['bias_img_size']}. Add: "
+            f"--cfg-options model.backbone.bias_mode=official "
+            f"model.backbone.bias_img_size={want['bias_img_size']}")
+
+
+def test(cfg: Config, checkpoint: str) -> Dict[str, float]:
+    """Evaluate ``checkpoint`` with ``cfg``'s test loop; returns the metrics."""
+    if not osp.isfile(checkpoint):
+        raise LaunchError(f'checkpoint {checkpoint!r} does not exist')
+    check_checkpoint_bias_mode(cfg, checkpoint)
+    cfg.load_from = checkpoint
+    cfg.resume = False
+    runner = build_runner(cfg)
+    return runner.test()

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Train a detector (mmdet) or segmentor (mmseg) config with mmeformer backbones.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--auto-scale-lr]
+                                 [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
+
+The task follows from the config. Distributed: tools/dist_train.sh (torchrun) or
+tools/slurm_train.sh; without GPUs the processes use the gloo backend on CPU.
+"""
+import argparse
+import os
+import sys
+
+from mmengine.config import DictAction
+
+from mmeformer.engine import LaunchError, load_config, train
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go (default: '
+                        'work_dirs/<config path below configs/>)')
+    parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
+                        help='resume from CKPT, or without a value from the latest checkpoint '
+                        'in the work dir')
+    parser.add_argument('--amp', action='store_true', help='mixed precision (needs a GPU)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the LR by the actual total batch / the recipe batch')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help='override config entries, e.g. train_cfg.max_epochs=1')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0,
+                        help='set by torch.distributed.launch (torchrun uses LOCAL_RANK)')
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, work_dir=args.work_dir, cfg_options=args.cfg_options,
+                          launcher=args.launcher, resume=args.resume, amp=args.amp,
+                          auto_scale_lr=args.auto_scale_lr)
+        train(cfg)
+    except LaunchError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
