@@ -143,10 +143,15 @@ def grid_offsets(query_size: Tuple[int, int], key_size: Tuple[int, int], query_s
           torch.arange(hk, device=device)[None, :]).abs()
     dx = (torch.arange(wq, device=device)[:, None] * query_step -
           torch.arange(wk, device=device)[None, :]).abs()
-    n_q, n_k = hq * wq, hk * wk
-    dy = dy[:, None, :, None].expand(hq, wq, hk, wk).reshape(n_q, n_k)
-    dx = dx[None, :, None, :].expand(hq, wq, hk, wk).reshape(n_q, n_k)
+    dy = dy[:, None, :, None].expand(hq, wq, hk, wk).flatten(0, 1).flatten(1, 2)
+    dx = dx[None, :, None, :].expand(hq, wq, hk, wk).flatten(0, 1).flatten(1, 2)
     return dy, dx
+
+
+def is_tracing() -> bool:
+    """True while torch.jit.trace / the TorchScript ONNX exporter records the graph; shape
+    branches must then be avoided so that one export serves every input size."""
+    return torch.jit.is_tracing()
 
 
 BIAS_MODES = ('table', 'official')
@@ -185,6 +190,22 @@ class RelativeBiasAttention(nn.Module):
         self.table_size = table_size
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size * table_size))
         self._bias_cache: Dict[tuple, torch.Tensor] = {}
+        # Deploy: a bias frozen for one (query, key) grid (see mmeformer.deploy.fuse).
+        self.frozen_sizes = None
+        self.record_bias_sizes = False
+        self.recorded_bias_sizes = None
+
+    def freeze_bias(self, query_size: Tuple[int, int], key_size: Tuple[int, int]):
+        """Keep the bias of these grids as a buffer (exported as a constant)."""
+        with torch.no_grad():
+            bias = self._compute_bias(tuple(query_size), tuple(key_size))
+        self.register_buffer('frozen_attention_bias', bias, persistent=False)
+        self.frozen_sizes = (tuple(query_size), tuple(key_size))
+
+    def unfreeze_bias(self):
+        self.frozen_sizes = None
+        if 'frozen_attention_bias' in self._buffers:
+            del self._buffers['frozen_attention_bias']
 
     # -- cache invalidation -------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -197,14 +218,20 @@ class RelativeBiasAttention(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._bias_cache = {}
+        self.unfreeze_bias()
         return super()._load_from_state_dict(*args, **kwargs)
 
     # -- bias computation ---------------------------------------------------------------------
     def attention_bias(self, query_size: Tuple[int, int],
                        key_size: Tuple[int, int]) -> torch.Tensor:
         """The (heads, Nq, Nk) additive bias for the given query and key grids."""
+        if self.frozen_sizes is not None:
+            if is_tracing() or self.frozen_sizes == (tuple(query_size), tuple(key_size)):
+                return self.frozen_attention_bias  # exported as a constant
+        if self.record_bias_sizes:
+            self.recorded_bias_sizes = (tuple(query_size), tuple(key_size))
         table = self.attention_biases
-        cacheable = (not self.training and not torch.jit.is_tracing()
+        cacheable = (not self.training and not is_tracing()
                      and not (torch.is_grad_enabled() and table.requires_grad))
         if not cacheable:
             return self._compute_bias(tuple(query_size), tuple(key_size))
@@ -222,7 +249,7 @@ class RelativeBiasAttention(nn.Module):
         heads, side = table.shape[0], self.table_size
         if self.bias_mode == 'table':
             grid = table.view(1, heads, side, side)
-            if tuple(key_size) != (side, side):
+            if is_tracing() or tuple(key_size) != (side, side):
                 grid = F.interpolate(grid.float(), size=key_size, mode='bicubic',
                                      align_corners=False).to(table.dtype)
             dy, dx = grid_offsets(query_size, key_size, self.query_step, table.device)

@@ -9,7 +9,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import build_norm
+from ..layers import build_norm, is_tracing
 
 MIN_INPUT_SIZE = 32
 
@@ -89,6 +89,8 @@ class MobileBackbone(BaseModule):
 
     # -- forward ------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor):
+        if is_tracing():
+            return  # checked eagerly; shape comparisons would be frozen into a traced graph
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'{self.family} expects an (N, C, H, W) tensor, got {shape}')
@@ -171,6 +173,12 @@ class MobileBackbone(BaseModule):
             self._is_init = True
             return
         super().init_weights()
+
+    def switch_to_deploy(self, input_size: Optional[Tuple[int, int]] = None):
+        """Fold BatchNorms, drop training-only paths, optionally freeze the attention biases of
+        one input size; see :func:`mmeformer.deploy.fuse`. Returns ``self``."""
+        from ...deploy import fuse
+        return fuse(self, input_size)
 
     def arch_description(self) -> str:
         return f'{self.family} {self.arch["name"]}'

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ...registry import MODELS
 from ..layers import (ConvNorm, RelativeBiasAttention, Stage, drop_path_or_identity,
-                      stochastic_depth_rates)
+                      is_tracing, stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
 
@@ -101,8 +101,9 @@ class LocalWindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         ws = self.window_size
-        pad_b, pad_r = (-h) % ws, (-w) % ws
-        if pad_b or pad_r:
+        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+        padded = is_tracing() or bool(pad_b or pad_r)
+        if padded:
             x = F.pad(x, (0, pad_r, 0, pad_b))
         nh, nw = (h + pad_b) // ws, (w + pad_r) // ws
         windows = (x.view(b, c, nh, ws, nw, ws).permute(0, 2, 4, 1, 3, 5)
@@ -110,7 +111,7 @@ class LocalWindowAttention(nn.Module):
         windows = self.attn(windows)
         x = (windows.view(b, nh, nw, c, ws, ws).permute(0, 3, 1, 4, 2, 5)
              .reshape(b, c, nh * ws, nw * ws))
-        return x[:, :, :h, :w] if (pad_b or pad_r) else x
+        return x[:, :, :h, :w] if padded else x
 
 
 class EfficientViTBlock(nn.Module):
