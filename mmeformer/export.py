@@ -1,0 +1,213 @@
+"""Export of the EfficientFormer / EfficientFormerV2 / EfficientViT backbones (papers:
+arXiv:2206.01191, arXiv:2212.08059, arXiv:2305.07027) to ONNX, TorchScript and CoreML, each
+followed by a numerical check against PyTorch.
+
+The exported model is the fused one (:func:`mmeformer.deploy.fuse`) unless asked otherwise. A
+static-size export freezes the attention biases of that size, so its graph holds no gather or
+bicubic resize of the bias tables; a dynamic export computes them from the input size.
+"""
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .deploy import fuse
+
+FAMILY_PREFIXES = {'efficientformer_': 'EfficientFormer', 'efficientformerv2_': 'EfficientFormerV2',
+                   'efficientvit_': 'EfficientViT'}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ONNX_OPSET = 17
+TOLERANCE = 1e-4  # largest accepted relative difference (max |diff| / max |reference|)
+
+
+def arch_names() -> List[str]:
+    from .models import EfficientFormer, EfficientFormerV2, EfficientViT
+    classes = {'EfficientFormer': EfficientFormer, 'EfficientFormerV2': EfficientFormerV2,
+               'EfficientViT': EfficientViT}
+    return [prefix + arch for prefix, family in FAMILY_PREFIXES.items()
+            for arch in classes[family].arch_settings]
+
+
+class BackboneWithNeck(nn.Module):
+    """Backbone followed by its neck, returning the neck's levels."""
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module):
+        super().__init__()
+        self.backbone, self.neck = backbone, neck
+        self.in_channels = getattr(backbone, 'in_channels', 3)
+
+    def forward(self, x):
+        return tuple(self.neck(self.backbone(x)))
+
+
+def build_model(name_or_config: str, checkpoint: Optional[str] = None,
+                with_neck: bool = False) -> nn.Module:
+    """A backbone from an arch name (``efficientformerv2_s0``) or from the backbone (and, with
+    ``with_neck``, the neck) of a detection / segmentation config."""
+    from . import models
+    from .checkpoint import load_pretrained
+    if name_or_config.endswith('.py'):
+        if not os.path.isfile(name_or_config):
+            raise FileNotFoundError(f'config {name_or_config!r} not found')
+        from mmengine.config import Config
+        from mmengine.registry import MODELS, init_default_scope
+        cfg = Config.fromfile(name_or_config)
+        init_default_scope(cfg.get('default_scope', 'mmdet'))
+        backbone_cfg = dict(cfg.model.backbone)
+        backbone_cfg.pop('init_cfg', None)
+        backbone = MODELS.build(backbone_cfg)
+        neck = MODELS.build(cfg.model.neck) if with_neck else None
+    else:
+        family = next((f for p, f in FAMILY_PREFIXES.items()
+                       if name_or_config.startswith(p) and
+                       name_or_config[len(p):] in getattr(models, f).arch_settings), None)
+        if family is None:
+            raise ValueError(f'unknown backbone {name_or_config!r}; choose one of '
+                             f'{arch_names()} or pass a config file')
+        if with_neck:
+            raise ValueError('--with-neck needs a detection or segmentation config')
+        backbone = getattr(models, family)(arch=name_or_config.split('_', 1)[1])
+        neck = None
+    if checkpoint:
+        load_pretrained(backbone, checkpoint)
+    model = BackboneWithNeck(backbone, neck) if neck is not None else backbone
+    return model.eval()
+
+
+def output_names(model: nn.Module, shape: Tuple[int, int]) -> List[str]:
+    """``stride4``, ``stride8``, ... for a backbone; ``level0``, ... for a backbone + neck."""
+    strides = getattr(model, 'out_strides', None)
+    if strides is not None:
+        return [f'stride{s}' for s in strides]
+    with torch.no_grad():
+        outs = model(torch.zeros(1, 3, *shape))
+    return [f'level{i}' for i in range(len(outs))]
+
+
+def prepare(model: nn.Module, shape: Tuple[int, int], dynamic: bool, fused: bool) -> nn.Module:
+    model.eval()
+    if fused:
+        fuse(model, input_size=None if dynamic else shape)
+    return model
+
+
+def export_onnx(model: nn.Module, path: str, shape: Tuple[int, int], dynamic: bool,
+                opset: int = ONNX_OPSET) -> List[str]:
+    """TorchScript-based exporter (``dynamo=False``), chosen explicitly: it keeps the input size
+    symbolic through our shape arithmetic; one named output per level."""
+    names = output_names(model, shape)
+    dynamic_axes = None
+    if dynamic:
+        dynamic_axes = {'image': {0: 'batch', 2: 'height', 3: 'width'}}
+        dynamic_axes.update({n: {0: 'batch', 2: f'{n}_h', 3: f'{n}_w'} for n in names})
+    torch.onnx.export(model, (torch.randn(1, 3, *shape), ), path, dynamo=False,
+                      opset_version=opset, input_names=['image'], output_names=names,
+                      dynamic_axes=dynamic_axes)
+    return names
+
+
+def relative_errors(reference: Sequence[torch.Tensor], outputs: Sequence) -> List[float]:
+    errors = []
+    for ref, out in zip(reference, outputs):
+        ref = ref.detach().float().numpy()
+        out = np.asarray(out, dtype=np.float32)
+        if ref.shape != out.shape:
+            raise ValueError(f'exported output shape {out.shape} != PyTorch {ref.shape}')
+        errors.append(float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12)))
+    return errors
+
+
+def check_sizes(shape: Tuple[int, int], dynamic: bool) -> List[Tuple[int, int]]:
+    """The export size, plus two other (odd, non-square) sizes for a dynamic export."""
+    h, w = shape
+    return [shape] + ([(h + 32, w + 64), (max(h - 33, 32), max(w - 21, 32))] if dynamic else [])
+
+
+def verify_onnx(model: nn.Module, path: str, sizes: Sequence[Tuple[int, int]]) -> Dict:
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    results = {}
+    for size in sizes:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            reference = model(x)
+        results[size] = max(relative_errors(reference, session.run(None, {'image': x.numpy()})))
+    return results
+
+
+def export_torchscript(model: nn.Module, path: str, shape: Tuple[int, int]) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(1, 3, *shape), check_trace=False)
+    traced.save(path)
+
+
+def verify_torchscript(model: nn.Module, path: str, sizes: Sequence[Tuple[int, int]]) -> Dict:
+    loaded = torch.jit.load(path)
+    results = {}
+    for size in sizes:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            results[size] = max(relative_errors(model(x), [o.numpy() for o in loaded(x)]))
+    return results
+
+
+class ImageNetNormalize(nn.Module):
+    """(x / 255 - mean) / std in front of the backbone, for CoreML ``ImageType`` inputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.)
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+
+COREML_HELP = ('coremltools converts on Linux (prediction needs macOS). It was checked here with '
+               'coremltools 9.0 and torch 2.13; install it with `pip install coremltools==9.0`.')
+
+
+def export_coreml(model: nn.Module, path: str, shape: Tuple[int, int], image_input: bool) -> Dict:
+    """Convert the traced model to an ``mlprogram`` ``.mlpackage``.
+
+    ``image_input=True`` (default of the tool): an RGB ``ImageType`` of 0..255 pixels, with the
+    ImageNet normalisation folded into the graph; otherwise a float ``TensorType`` that expects
+    already-normalised input. Returns a summary of the spec (inputs, outputs, op types).
+    """
+    try:
+        import coremltools as ct
+    except ImportError as err:
+        raise RuntimeError(f'coremltools is not installed. {COREML_HELP}') from err
+    wrapped = ImageNetNormalize(model).eval() if image_input else model
+    # torch.export (not jit.trace): coremltools cannot lower the traced size arithmetic.
+    with torch.no_grad():
+        program = torch.export.export(wrapped, (torch.rand(1, 3, *shape) * 255, ))
+    program = program.run_decompositions({})
+    names = output_names(model, shape)
+    inputs = ([ct.ImageType(name='image', shape=(1, 3, *shape), color_layout=ct.colorlayout.RGB)]
+              if image_input else [ct.TensorType(name='image', shape=(1, 3, *shape))])
+    try:
+        mlmodel = ct.convert(program, inputs=inputs,
+                             outputs=[ct.TensorType(name=n) for n in names],
+                             convert_to='mlprogram', minimum_deployment_target=ct.target.iOS16)
+    except Exception as err:  # noqa: BLE001 - coremltools raises many types; report them all
+        raise RuntimeError(f'coremltools {ct.__version__} could not convert this model with '
+                           f'torch {torch.__version__}: {err}. {COREML_HELP}') from err
+    mlmodel.save(path)
+    return inspect_coreml(path)
+
+
+def inspect_coreml(path: str) -> Dict:
+    """What Linux can check of an ``.mlpackage``: its interface and the ops of its program."""
+    import coremltools as ct
+    spec = ct.utils.load_spec(path)
+    ops = set()
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            ops.update(op.type for op in block.operations)
+    return dict(inputs=[i.name for i in spec.description.input],
+                outputs=[o.name for o in spec.description.output], ops=sorted(ops))
