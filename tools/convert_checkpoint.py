@@ -3,17 +3,25 @@
 ImageNet release, official dense backbone, timm) into an mmeformer backbone state dict.
 
     python tools/convert_checkpoint.py SRC DST [--prefix backbone.]
+    python tools/convert_checkpoint.py SRC DST --full
 
 DST ending in ``.safetensors`` is written as safetensors, anything else with ``torch.save`` as
 ``{'state_dict': ..., 'meta': ...}``; both load with ``init_cfg=dict(type='Pretrained', ...)``.
+
+``--full`` (chosen automatically when SRC holds a whole model: ``backbone.*`` plus neck / head
+keys, unless ``--prefix`` is given) converts a released snap-research mmdet 2.x Mask R-CNN or
+mmseg 0.x Semantic FPN checkpoint, or the Cream EfficientViT-M4 Mask R-CNN / RetinaNet one, into
+a whole-model file that tools/test.py loads into the matching config with no missing and no
+unexpected keys (logic in mmeformer/checkpoint/detector.py).
 """
 import argparse
 import sys
 
 import torch
 
-from mmeformer.checkpoint import (CheckpointError, convert_state_dict, guess_arch,
-                                  read_backbone_state_dict)
+from mmeformer.checkpoint import (CheckpointError, convert_state_dict, extract_state_dict,
+                                  guess_arch, read_backbone_state_dict, read_checkpoint)
+from mmeformer.checkpoint.detector import convert_full_checkpoint, is_full_model_state_dict
 
 
 def convert_file(src: str, dst: str, prefix=None) -> dict:
@@ -38,8 +46,19 @@ def main(argv=None):
     parser.add_argument('dst')
     parser.add_argument('--prefix', default=None,
                         help="key prefix of the backbone, e.g. 'backbone.' (default: automatic)")
+    parser.add_argument('--full', action='store_true',
+                        help='convert the whole detector / segmentor (default: automatic for '
+                        'full-model files unless --prefix is given)')
     args = parser.parse_args(argv)
     try:
+        full = args.full
+        if args.full and args.prefix is not None:
+            raise CheckpointError('--full converts the whole model; drop --prefix')
+        if not full and args.prefix is None:
+            state_dict, _ = extract_state_dict(read_checkpoint(args.src), args.src)
+            full = is_full_model_state_dict(state_dict)
+        if full:
+            return _convert_full(args.src, args.dst)
         result = convert_file(args.src, args.dst, args.prefix)
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
@@ -47,6 +66,18 @@ def main(argv=None):
     print(f"{result['family']} arch={result['arch']} ({result['source_layout']} layout): wrote "
           f"{result['keys']} tensors to {args.dst}; dropped {len(result['dropped_keys'])} "
           f'(heads, index buffers, placeholders)')
+    return 0
+
+
+def _convert_full(src: str, dst: str) -> int:
+    result = convert_full_checkpoint(src, dst)
+    print(f"{result['family']} arch={result['arch']} full model ({result['heads']}): wrote "
+          f"{result['keys']} tensors to {dst}; dropped {len(result['dropped_keys'])} "
+          f'(index buffers, placeholders)')
+    if result.get('bias_mode') == 'official':
+        print(f"evaluate with: tools/test.py CONFIG {dst} --cfg-options "
+              f"model.backbone.bias_mode=official "
+              f"model.backbone.bias_img_size={result['bias_img_size']}")
     return 0
 
 
