@@ -1,0 +1,144 @@
+"""End to end on generated toy data with the real runners and metrics: train, save, resume and
+test (CocoMetric bbox + segm, IoUMetric), 2-process CPU training through tools/dist_train.sh,
+and mmengine checkpoints read under ``torch.load(weights_only=True)``."""
+import os
+import pickle
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmeformer.datasets import make_toy_data
+from mmeformer.engine import allow_mmengine_checkpoint_globals, load_config, test, train
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+SMALL_SCALE = (192, 192)
+
+
+@pytest.fixture(scope='session')
+def toy_root(tmp_path_factory):
+    """A directory holding data/toy/{coco,ade} (4 training, 2 validation images each)."""
+    root = tmp_path_factory.mktemp('toy_run')
+    make_toy_data(str(root / 'data' / 'toy'), num_train=4, num_val=2)
+    return root
+
+
+def _shrink_detection(cfg):
+    """Smaller images and fewer RoIs than the toy config, to keep CI short."""
+    for loader in (cfg.train_dataloader, cfg.test_dataloader, cfg.val_dataloader):
+        for step in loader.dataset.pipeline:
+            if step.type == 'Resize':
+                step.scale = SMALL_SCALE
+    if 'rpn' in cfg.model.test_cfg:
+        cfg.model.train_cfg.rcnn.sampler.num = 64
+        cfg.model.test_cfg.rcnn.max_per_img = 20
+
+
+E2E_CASES = {
+    'v1_maskrcnn': ('detection/toy/maskrcnn_eformer_l1.py', 'epoch'),
+    'v2_maskrcnn': ('detection/toy/maskrcnn_eformerv2_s0.py', 'epoch'),
+    'ev_maskrcnn': ('detection/toy/maskrcnn_efficientvit_m4.py', 'epoch'),
+    'ev_semfpn': ('segmentation/toy/semfpn_efficientvit_m4.py', 'iter'),
+}
+
+
+def _stage_options(unit, stage):
+    if unit == 'epoch':  # 4 images / batch 2 = 2 iterations per epoch
+        return {'train_cfg.max_epochs': stage, 'train_cfg.val_interval': 2,
+                'default_hooks.checkpoint.interval': 1}
+    return {'train_cfg.max_iters': 2 * stage, 'train_cfg.val_interval': 4,
+            'default_hooks.checkpoint.interval': 2}
+
+
+@pytest.mark.parametrize('case', list(E2E_CASES))
+def test_train_save_resume_test_on_toy_data(case, toy_root, tmp_path, monkeypatch):
+    config, unit = E2E_CASES[case]
+    monkeypatch.chdir(toy_root)  # the toy configs read data/toy/... relative to the cwd
+    work_dir = str(tmp_path / 'work')
+
+    def run(stage, resume=None):
+        cfg = load_config(str(REPO / 'configs' / config), work_dir=work_dir, resume=resume,
+                          cfg_options=_stage_options(unit, stage))
+        cfg.experiment_name = f'{case}_{stage}'
+        if cfg.default_scope == 'mmdet':
+            _shrink_detection(cfg)
+        return cfg
+
+    train(run(1))
+    first = 'epoch_1.pth' if unit == 'epoch' else 'iter_2.pth'
+    assert (tmp_path / 'work' / first).is_file()
+
+    # Resume from the latest checkpoint; its message hub / optimizer / schedulers load safely.
+    train(run(2, resume='auto'))
+    last = tmp_path / 'work' / ('epoch_2.pth' if unit == 'epoch' else 'iter_4.pth')
+    checkpoint = torch.load(str(last), map_location='cpu', weights_only=True)
+    assert checkpoint['meta']['iter'] == 4
+    assert checkpoint['meta']['epoch'] == (2 if unit == 'epoch' else 0)
+
+    metrics = test(run(2), str(last))
+    if unit == 'epoch':
+        for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'):
+            assert 0. <= metrics[key] <= 1., (key, metrics)
+    else:
+        assert 0. <= metrics['mIoU'] <= 100., metrics
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_dist_train_two_cpu_processes_then_test(toy_root, tmp_path):
+    config = str(REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformerv2_s0.py')
+    work_dir = tmp_path / 'dist'
+    env = dict(os.environ, PORT=str(_free_port()), PYTHON=PYTHON, OMP_NUM_THREADS='1')
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    train_run = subprocess.run(
+        ['bash', str(REPO / 'tools' / 'dist_train.sh'), config, '2', '--work-dir', str(work_dir),
+         '--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=10',
+         'default_hooks.checkpoint.interval=2', 'train_dataloader.batch_size=2'],
+        cwd=toy_root, env=env, capture_output=True, text=True, timeout=600)
+    log = train_run.stdout + train_run.stderr
+    assert train_run.returncode == 0, log[-4000:]
+    assert "'backend': 'gloo'" in log or 'gloo' in log
+    assert 'replaced' in log and 'SyncBN' in log  # CPU: SyncBN -> BN
+    assert re.search(r'Iter\(train\) \[2/2\]', log), log[-4000:]
+    checkpoint = work_dir / 'iter_2.pth'
+    assert checkpoint.is_file()
+
+    test_run = subprocess.run(
+        [PYTHON, str(REPO / 'tools' / 'test.py'), config, str(checkpoint), '--work-dir',
+         str(tmp_path / 'test')], cwd=toy_root, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert test_run.returncode == 0, (test_run.stdout + test_run.stderr)[-4000:]
+    assert re.search(r'^mIoU: [0-9.]+$', test_run.stdout, re.M), test_run.stdout[-2000:]
+    assert test_run.stdout.splitlines()[-1].startswith('metrics: {')
+
+
+class _SneakyGetattr:
+    """Pickles as ``getattr(HistoryBuffer, '__init__')``: an allowed class, but a getattr that
+    is not one of its statistics methods."""
+
+    def __reduce__(self):
+        from mmengine.logging.history_buffer import HistoryBuffer
+        return getattr, (HistoryBuffer, '__init__')
+
+
+def test_safe_globals_do_not_open_getattr(tmp_path):
+    allow_mmengine_checkpoint_globals()
+    path = tmp_path / 'sneaky.pth'
+    torch.save({'x': _SneakyGetattr()}, str(path))
+    with pytest.raises(pickle.UnpicklingError, match='only the statistics methods'):
+        torch.load(str(path), weights_only=True)
+
+
+def test_forced_unsafe_loading_is_refused(monkeypatch):
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+    with pytest.raises(RuntimeError, match='Unset it'):
+        allow_mmengine_checkpoint_globals()
