@@ -1,0 +1,303 @@
+"""Backbone latency report for EfficientFormer / EfficientFormerV2 / EfficientViT (papers:
+arXiv:2206.01191, arXiv:2212.08059, arXiv:2305.07027): variants x input sizes x runtimes x batch
+sizes, with MACs, achieved GFLOP/s and the fraction of this machine's fp32 matmul throughput
+measured in the same run. Reference implementations (timm, and a stand-in for the official
+per-forward bias handling) can be timed alongside (``compare=True``).
+"""
+import contextlib
+import copy
+import csv
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .complexity import count_macs, count_params
+from .deploy import fuse
+from .export import arch_names, build_model, export_onnx
+
+RUNTIMES = ('eager', 'fused', 'compile', 'onnxruntime')
+DEFAULT_SIZES = ((224, 224), (512, 512), (800, 1344))
+
+# Published accuracy (papers / official repositories, as listed in the design notes; not
+# measured here).
+PUBLISHED_TOP1 = {
+    'efficientformer_l1': 79.2, 'efficientformer_l3': 82.4, 'efficientformer_l7': 83.3,
+    'efficientformerv2_s2': 82.0, 'efficientformerv2_l': 83.5, 'efficientvit_m4': 74.3,
+}
+PUBLISHED_COCO_BOX_AP = {
+    'efficientformer_l1': 37.9, 'efficientformer_l3': 41.4, 'efficientformer_l7': 42.6,
+    'efficientformerv2_s2': 43.4, 'efficientformerv2_l': 44.7,
+}
+
+
+@dataclass
+class Measurement:
+    variant: str
+    implementation: str
+    runtime: str
+    height: int
+    width: int
+    batch: int
+    threads: int
+    dtype: str
+    median_ms: float
+    p90_ms: float
+    params_m: float
+    gmacs: float
+    gflops_per_s: float
+    matmul_fraction: float
+    note: str = ''
+
+
+@dataclass
+class Report:
+    environment: Dict
+    matmul_gflops: float
+    measurements: List[Measurement] = field(default_factory=list)
+
+
+def environment(device: str, threads: int) -> Dict:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists('/proc/cpuinfo'):
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    versions = {}
+    for name in ('torch', 'onnxruntime', 'timm', 'mmengine'):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    env = dict(cpu=cpu, cores=os.cpu_count(), threads=threads, device=device,
+               python=platform.python_version(), **versions)
+    if device == 'cuda':
+        env['gpu'] = torch.cuda.get_device_name(0)
+    return env
+
+
+def _sync(device: str):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable, warmup: int, repeats: int, device: str) -> Tuple[float, float]:
+    """Median and 90th percentile of ``repeats`` timed calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+
+
+@torch.inference_mode()
+def matmul_gflops(device: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    median, _ = time_ms(lambda: a @ b, 2, repeats, device)
+    return 2 * n ** 3 / (median / 1e3) / 1e9
+
+
+@contextlib.contextmanager
+def per_forward_biases(model: torch.nn.Module):
+    """Stand-in for the official dense code: the bias matrix is gathered and resized again on
+    every forward (no cache), exactly what the snap-research backbones do."""
+    from .models.layers import RelativeBiasAttention
+    modules = [m for m in model.modules() if isinstance(m, RelativeBiasAttention)]
+    originals = [m.attention_bias for m in modules]
+    for m in modules:
+        m.attention_bias = (lambda mod: lambda q, k: mod._compute_bias(tuple(q), tuple(k)))(m)
+    try:
+        yield model
+    finally:
+        for m, original in zip(modules, originals):
+            m.attention_bias = original
+
+
+def _timm_model(variant: str, size: Tuple[int, int]):
+    import timm
+    kwargs = dict(num_classes=0)
+    if variant.startswith('efficientvit_'):
+        kwargs['img_size'] = 512  # 7x7 windows everywhere: the downstream semantics
+    elif size != (224, 224):
+        return None  # timm's EfficientFormer V1/V2 run only at 224 x 224
+    model = timm.create_model(variant, **kwargs).eval()
+    return lambda x: model.forward_intermediates(x, intermediates_only=True)
+
+
+def candidates(variant: str, size: Tuple[int, int], runtimes: Sequence[str], compare: bool,
+               workdir: str) -> List[Tuple[str, str, Callable, str]]:
+    """(implementation, runtime, callable taking x, note) to time for one variant and size."""
+    base = build_model(variant)
+    items = []
+    for runtime in runtimes:
+        if runtime == 'eager':
+            items.append(('mmeformer', 'eager', base, ''))
+        elif runtime == 'fused':
+            items.append(('mmeformer', 'fused', fuse(copy.deepcopy(base)), ''))
+        elif runtime == 'compile':
+            compiled = torch.compile(fuse(copy.deepcopy(base)), dynamic=False)
+            items.append(('mmeformer', 'compile', compiled, 'torch.compile (inductor)'))
+        elif runtime == 'onnxruntime':
+            import onnxruntime as ort
+            path = os.path.join(workdir, f'{variant}_{size[0]}x{size[1]}.onnx')
+            fused = fuse(copy.deepcopy(base), input_size=size)
+            export_onnx(fused, path, size, dynamic=False)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+            items.append(('mmeformer', 'onnxruntime',
+                          lambda x, s=session: s.run(None, {'image': x.cpu().numpy()}),
+                          'static-size fused export'))
+        else:
+            raise ValueError(f'unknown runtime {runtime!r}; choose from {RUNTIMES}')
+    if compare:
+        reference = _timm_model(variant, size)
+        if reference is not None:
+            items.append(('timm', 'eager', reference,
+                          'img_size=512' if variant.startswith('efficientvit_') else ''))
+        if not variant.startswith('efficientvit_') and size != (224, 224):
+            official = build_model(variant)
+            cls = type(official)
+            official = cls(arch=official.arch['name'], bias_mode='official',
+                           bias_img_size=800 if size[0] >= 640 else 512).eval()
+            items.append(('official stand-in', 'eager', official,
+                          "bias_mode='official', bias gathered + resized every forward"))
+    return items
+
+
+def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAULT_SIZES,
+        runtimes: Sequence[str] = ('eager', 'fused', 'onnxruntime'), batch_sizes=(1, ),
+        threads: int = 2, device: str = 'cpu', dtype: str = 'float32', warmup: int = 2,
+        repeats: int = 10, compare: bool = False, progress: Callable = print) -> Report:
+    variants = list(variants or arch_names())
+    torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, dtype)
+    peak = matmul_gflops(device, torch_dtype)
+    report = Report(environment(device, threads), peak)
+    plan = [(v, s) for v in variants for s in sizes]
+    with tempfile.TemporaryDirectory() as workdir:
+        for index, (variant, size) in enumerate(plan, 1):
+            params = count_params(build_model(variant))
+            macs = count_macs(build_model(variant), size)
+            for impl, runtime, fn, note in candidates(variant, size, runtimes, compare, workdir):
+                if isinstance(fn, torch.nn.Module):
+                    fn = fn.to(device=device, dtype=torch_dtype)
+                for batch in batch_sizes:
+                    x = torch.randn(batch, 3, *size, device=device, dtype=torch_dtype)
+                    context = (per_forward_biases(fn) if impl == 'official stand-in'
+                               else contextlib.nullcontext())
+                    try:
+                        with torch.inference_mode(), context:
+                            median, p90 = time_ms(lambda: fn(x), warmup, repeats, device)
+                    except Exception as err:  # noqa: BLE001 - report and keep going
+                        progress(f'  skipped {impl}/{runtime}: {type(err).__name__}: {err}')
+                        continue
+                    achieved = 2 * macs * batch / (median / 1e3) / 1e9
+                    report.measurements.append(Measurement(
+                        variant, impl, runtime, size[0], size[1], batch, threads, dtype,
+                        round(median, 2), round(p90, 2), round(params / 1e6, 3),
+                        round(macs / 1e9, 4), round(achieved, 1), round(achieved / peak, 4),
+                        note))
+                    progress(f'[{index}/{len(plan)}] {variant} {size[0]}x{size[1]} b{batch} '
+                             f'{impl}/{runtime}: {median:.1f} ms (p90 {p90:.1f})')
+    return report
+
+
+# -- writing ---------------------------------------------------------------------------------
+def to_markdown(report: Report) -> str:
+    env = report.environment
+    lines = [f"Machine: {env['cpu']}, {env['threads']} threads, device {env['device']}, torch "
+             f"{env['torch']}, onnxruntime {env['onnxruntime']}; fp32 matmul (2048^3) measured "
+             f'in the same run: {report.matmul_gflops:.0f} GFLOP/s.', '',
+             '| variant | implementation | runtime | size | batch | median ms | p90 ms | params M '
+             '| GMACs | GFLOP/s | of matmul peak |', '|---|---|---|---|---|---|---|---|---|---|---|']
+    for m in report.measurements:
+        lines.append(f'| {m.variant} | {m.implementation} | {m.runtime} | {m.height}x{m.width} '
+                     f'| {m.batch} | {m.median_ms:.1f} | {m.p90_ms:.1f} | {m.params_m:.2f} | '
+                     f'{m.gmacs:.3f} | {m.gflops_per_s:.0f} | {100 * m.matmul_fraction:.1f}% |')
+    speedups = speedup_lines(report)
+    if speedups:
+        lines += ['', 'Ratios in this run (mmeformer eager, default bias mode, as the base):'] + speedups
+    return '\n'.join(lines) + '\n'
+
+
+def speedup_lines(report: Report) -> List[str]:
+    """Ratios within this run: references against mmeformer eager, and fusion's gain."""
+    index = {(m.variant, m.implementation, m.runtime, m.height, m.width, m.batch): m
+             for m in report.measurements}
+    lines = []
+    for (variant, impl, runtime, h, w, batch), m in sorted(index.items()):
+        ours = index.get((variant, 'mmeformer', 'eager', h, w, batch))
+        if ours is None or (impl, runtime) == ('mmeformer', 'eager'):
+            continue
+        if impl == 'mmeformer':
+            lines.append(f'- {variant} {h}x{w} b{batch}: {runtime} {ours.median_ms / m.median_ms:.2f}x'
+                         f' vs eager ({ours.median_ms:.1f} -> {m.median_ms:.1f} ms)')
+        else:
+            lines.append(f'- {variant} {h}x{w} b{batch}: {m.median_ms / ours.median_ms:.2f}x faster '
+                         f'than {impl} ({m.median_ms:.1f} -> {ours.median_ms:.1f} ms)')
+    return lines
+
+
+def write(report: Report, out_dir: str) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f'latency.{k}') for k in ('md', 'csv', 'json', 'png')}
+    with open(paths['md'], 'w') as f:
+        f.write(to_markdown(report))
+    rows = [asdict(m) for m in report.measurements]
+    with open(paths['csv'], 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(Measurement.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(paths['json'], 'w') as f:
+        json.dump(dict(environment=report.environment, matmul_gflops=report.matmul_gflops,
+                       measurements=rows), f, indent=1)
+    plot(report, paths['png'])
+    return paths
+
+
+def plot(report: Report, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    ours = [m for m in report.measurements if m.implementation == 'mmeformer' and m.batch == 1]
+    for (runtime, h, w) in sorted({(m.runtime, m.height, m.width) for m in ours}):
+        pts = [m for m in ours if (m.runtime, m.height, m.width) == (runtime, h, w)]
+        ax1.scatter([m.gmacs for m in pts], [m.median_ms for m in pts],
+                    label=f'{runtime} {h}x{w}')
+    ax1.set(xscale='log', yscale='log', xlabel='GMACs (measured)', ylabel='median latency (ms)',
+            title='Latency against MACs (this machine)')
+    ax1.legend(fontsize=7)
+    for table, (h, w), label in ((PUBLISHED_TOP1, (224, 224), 'ImageNet top-1 @224'),
+                                 (PUBLISHED_COCO_BOX_AP, (800, 1344), 'COCO box AP @800x1344')):
+        pts = [m for m in ours if m.runtime == 'eager' and (m.height, m.width) == (h, w)
+               and m.variant in table]
+        if pts:
+            ax2.scatter([m.median_ms for m in pts], [table[m.variant] for m in pts], label=label)
+            for m in pts:
+                ax2.annotate(m.variant.split('_', 1)[1], (m.median_ms, table[m.variant]),
+                             fontsize=7)
+    ax2.set(xscale='log', xlabel='median latency, eager (ms, measured)',
+            ylabel='accuracy (PUBLISHED, not measured here)',
+            title='Published accuracy against measured latency')
+    ax2.legend(fontsize=7)
+    env = report.environment
+    fig.suptitle(f"{env['cpu']} - {env['threads']} threads - torch {env['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""Deploy fusion, export with numerical checks, complexity and the latency report."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, randomize_
+from mmeformer.complexity import count_macs
+from mmeformer.deploy import fuse
+from mmeformer.export import build_model, export_onnx, export_torchscript, verify_onnx, \
+    verify_torchscript
+from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
+
+ONE_PER_FAMILY = [(EfficientFormer, 'l1'), (EfficientFormerV2, 's0'), (EfficientViT, 'm0')]
+
+
+@pytest.mark.parametrize('cls,arch', ONE_PER_FAMILY)
+def test_fused_model_matches_unfused(cls, arch):
+    model = randomize_(cls(arch=arch)).eval()
+    fused = copy.deepcopy(model).switch_to_deploy(input_size=(96, 128))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    for size in [(96, 128), (224, 224), (65, 97)]:  # the frozen size and two others
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            for ref, out in zip(model(x), fused(x)):
+                assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize('cls,arch', ONE_PER_FAMILY)
+def test_dynamic_onnx_export_runs_at_other_sizes(cls, arch, tmp_path):
+    model = fuse(randomize_(cls(arch=arch)))
+    names = export_onnx(model, str(tmp_path / 'm.onnx'), (64, 96), dynamic=True)
+    assert names == [f'stride{s}' for s in model.out_strides]
+    errors = verify_onnx(model, str(tmp_path / 'm.onnx'), [(96, 128), (65, 97)])
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_torchscript_export_matches(tmp_path):
+    model = fuse(randomize_(EfficientFormerV2('s0')), input_size=(96, 128))
+    export_torchscript(model, str(tmp_path / 'm.pt'), (96, 128))
+    assert max(verify_torchscript(model, str(tmp_path / 'm.pt'), [(96, 128)]).values()) <= 1e-4
+
+
+def test_export_tool_exit_status_and_coreml(tmp_path):
+    out = tmp_path / 'm4.onnx'
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'), 'efficientvit_m4',
+                           '--dynamic', '--shape', '96', '128', '--out', str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and 'OK: largest difference' in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'), 'efficientvit_m0',
+                           '--format', 'coreml', '--shape', '64', '64', '--out',
+                           str(tmp_path / 'm0.mlpackage')], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "outputs ['stride16', 'stride32', 'stride64']" in proc.stdout
+    assert 'resize/upsample ops: none' in proc.stdout  # fixed size: no bicubic bias resize
+
+
+# BACKBONES.md section 1: V1/V2 classification MACs; EfficientViT with the downstream 7x7 windows.
+PUBLISHED_GMACS = {
+    'efficientformer_l1': 1.2904, 'efficientformer_l3': 3.9055, 'efficientformer_l7': 10.1178,
+    'efficientformerv2_s0': 0.3955, 'efficientformerv2_s1': 0.6515, 'efficientformerv2_s2': 1.2463,
+    'efficientformerv2_l': 2.5518, 'efficientvit_m0': 0.0860, 'efficientvit_m1': 0.1740,
+    'efficientvit_m2': 0.2107, 'efficientvit_m3': 0.2787, 'efficientvit_m4': 0.3214,
+    'efficientvit_m5': 0.5512,
+}
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED_GMACS))
+def test_macs_at_224_match_the_published_table(name):
+    macs = count_macs(build_model(name), (224, 224)) / 1e9
+    assert abs(macs - PUBLISHED_GMACS[name]) <= 0.02 * PUBLISHED_GMACS[name]
+
+
+def test_get_flops_json():
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'get_flops.py'), 'efficientvit_m4',
+                           '--shape', '512', '512', '--json'], capture_output=True, text=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(result['macs'] / 1e6 - 1594.4) <= 0.02 * 1594.4  # BACKBONES.md at 512x512
+    assert result['params'] == sum(p.numel() for p in EfficientViT('m4').parameters())
+
+
+def test_benchmark_quick_writes_its_report(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--quick',
+                           '--out', str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / 'latency.json').read_text())
+    assert report['matmul_gflops'] > 0 and report['environment']['threads'] == 2
+    runs = {(m['variant'], m['runtime'], m['height']) for m in report['measurements']}
+    assert len(runs) == 3 * 3 * 2  # 3 variants x (eager, fused, onnxruntime) x 2 sizes
+    assert all(m['median_ms'] > 0 and m['gmacs'] > 0 for m in report['measurements'])
+    assert '| efficientvit_m4 | mmeformer | onnxruntime | 512x512 |' in \
+        (tmp_path / 'latency.md').read_text()
+    assert (tmp_path / 'latency.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
