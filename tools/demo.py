@@ -1,74 +1,92 @@
 #!/usr/bin/env python
-"""The main job (`make demo`): builds every backbone, runs it at classification and detection
-sizes (odd sizes included), round-trips a checkpoint through the converter, and reports CPU
-latency. Writes ``outputs/demo/backbones.md``.
+"""The main job (`make demo`), on a fresh machine with no data and no downloads:
 
-Detection / segmentation training, export and the full latency report join this demo as their
-issues land.
+1. every backbone at an odd input size, with a checkpoint round trip;
+2. generate the toy COCO / ADE20K data;
+3. train the toy Mask R-CNN with EfficientFormer-L1 and evaluate it (real CocoMetric);
+4. export the trained backbone to ONNX (dynamic size) with the ONNX Runtime parity check;
+5. the quick latency report with its plot.
+
+Each step runs the project's own tool, printed before it runs, so it can be repeated by hand.
+Artefacts go under outputs/demo/.
 """
 import argparse
-import statistics
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from mmeformer.checkpoint import load_pretrained
-from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
-
-VARIANTS = [(EfficientFormer, a) for a in ('l1', 'l3', 'l7')] + \
-           [(EfficientFormerV2, a) for a in ('s0', 's1', 's2', 'l')] + \
-           [(EfficientViT, f'm{i}') for i in range(6)]
+REPO = Path(__file__).resolve().parents[1]
+TOY_CONFIG = 'configs/detection/toy/maskrcnn_eformer_l1.py'
 
 
-def median_ms(model, x, repeats):
-    with torch.inference_mode():
-        model(x)  # warm-up (also fills the bias caches)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def run(step: str, args, log_dir: Path):
+    command = [sys.executable] + [str(a) for a in args]
+    print(f'\n=== {step}\n$ {" ".join(command[1:])}', flush=True)
+    start = time.time()
+    log_path = log_dir / (step.split(':')[0].replace(' ', '_') + '.log')
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        tail = []
+        for line in proc.stdout:
+            log.write(line)
+            tail = (tail + [line.rstrip()])[-15:]
+        proc.wait()
+    if proc.returncode != 0:
+        print('\n'.join(tail))
+        raise SystemExit(f'{step} failed (exit {proc.returncode}); full log: {log_path}')
+    print(f'({time.time() - start:.0f} s; log: {log_path.relative_to(REPO)})')
+    return tail
+
+
+def check_backbones():
+    from mmeformer.checkpoint import load_pretrained
+    from mmeformer.export import arch_names, build_model
+    print('\n=== 1: every backbone at 225x331 (odd, non-square), checkpoint round trip')
+    for name in arch_names():
+        model = build_model(name)
+        with torch.inference_mode():
+            outs = model(torch.randn(1, 3, 225, 331))
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(model.state_dict(), Path(tmp) / 'ckpt.pth')
+            report = load_pretrained(build_model(name), str(Path(tmp) / 'ckpt.pth'),
+                                     logger='silent')
+        shapes = ' '.join('x'.join(map(str, o.shape[1:])) for o in outs)
+        print(f'{name:22s} levels {shapes:42s} reload missing/unused '
+              f'{len(report.missing)}/{len(report.unused)}')
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default='outputs/demo')
-    parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rows = []
-    for cls, arch in VARIANTS:
-        model = cls(arch=arch).eval()
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        with torch.inference_mode():
-            odd = model(torch.randn(1, 3, 225, 331))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / 'ckpt.pth'
-            torch.save(model.state_dict(), path)
-            report = load_pretrained(cls(arch=arch), str(path), logger='silent')
-        ms_224 = median_ms(model, torch.randn(1, 3, 224, 224), args.repeats)
-        ms_det = median_ms(model, torch.randn(1, 3, 800, 1344), args.repeats)
-        shapes = ' '.join('x'.join(map(str, o.shape[1:])) for o in odd)
-        rows.append((f'{cls.__name__}-{arch}', f'{params:.2f}', shapes,
-                     f'{len(report.missing)}/{len(report.unused)}', f'{ms_224:.1f}',
-                     f'{ms_det:.1f}'))
-        print(f'{rows[-1][0]:22s} params {rows[-1][1]:>6s} M | 225x331 -> {shapes} | '
-              f'reload missing/unused {rows[-1][3]} | {ms_224:7.1f} ms @224 | '
-              f'{ms_det:7.1f} ms @800x1344', flush=True)
-    out = Path(args.out)
+    out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
-    header = ('| backbone | params (M, no head) | levels at 225x331 (C x H x W) | reload '
-              'missing/unused | ms @224 | ms @800x1344 |\n|---|---|---|---|---|---|\n')
-    table = header + ''.join('| ' + ' | '.join(r) + ' |\n' for r in rows)
-    note = (f'\nCPU, {args.threads} threads, batch 1, fp32, eval, random weights, median of '
-            f'{args.repeats} after one warm-up; `python tools/demo.py`.\n')
-    (out / 'backbones.md').write_text(table + note)
-    print(f'\nwrote {out / "backbones.md"}')
+    os.chdir(REPO)
+    check_backbones()
+    run('2: toy data', ['tools/make_toy_data.py', '--out', 'data/toy'], out)
+    work_dir = out / 'maskrcnn_eformer_l1_toy'
+    run('3a: train toy Mask R-CNN + EfficientFormer-L1',
+        ['tools/train.py', TOY_CONFIG, '--work-dir', work_dir], out)
+    checkpoint = (work_dir / 'last_checkpoint').read_text().strip()
+    tail = run('3b: evaluate it', ['tools/test.py', TOY_CONFIG, checkpoint, '--work-dir',
+                                   work_dir / 'test'], out)
+    print('\n'.join(line for line in tail if 'coco/' in line or 'mAP' in line))
+    onnx_path = out / 'efficientformer_l1_toy.onnx'
+    print('\n'.join(run('4: ONNX export with parity check',
+                        ['tools/export.py', 'efficientformer_l1', '--checkpoint', checkpoint,
+                         '--dynamic', '--shape', '320', '320', '--out', onnx_path], out)[-4:]))
+    run('5: quick latency report', ['tools/benchmark.py', '--quick', '--out',
+                                    out / 'benchmark'], out)
+    print(f'\nArtefacts:\n  toy data:        data/toy/\n  training run:    {work_dir}\n'
+          f'  checkpoint:      {checkpoint}\n  ONNX backbone:   {onnx_path}\n'
+          f'  latency report:  {out / "benchmark"}/latency.{{md,csv,json,png}}\n'
+          f'  step logs:       {out}/*.log')
 
 
 if __name__ == '__main__':

@@ -29,8 +29,12 @@ def read_checkpoint(path: str) -> dict:
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f'checkpoint {path!r} is not a readable safetensors file '
                                   f'({err})') from err
+    from ..engine.safe_load import mmengine_checkpoint_globals
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        # Training checkpoints of mmengine also hold a few logging / numpy objects: exactly
+        # those are allow-listed, everything else stays refused.
+        with torch.serialization.safe_globals(mmengine_checkpoint_globals()):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f'checkpoint {path!r} was refused by the safe loader (torch.load weights_only=True): '
