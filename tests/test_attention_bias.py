@@ -112,3 +112,11 @@ def test_bias_cache_never_goes_stale():
     bias = attn.attention_bias(hw, hw)
     assert bias.requires_grad  # training: recomputed with gradient, not cached
     assert attn._bias_cache == {}
+
+
+def test_model_built_under_inference_mode_runs():
+    with torch.inference_mode():
+        model = EfficientFormerV2('s0').eval()
+        first = model(torch.randn(1, 3, 64, 64))
+        second = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape for o in first] == [o.shape for o in second]

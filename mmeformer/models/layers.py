@@ -235,7 +235,9 @@ class RelativeBiasAttention(nn.Module):
                      and not (torch.is_grad_enabled() and table.requires_grad))
         if not cacheable:
             return self._compute_bias(tuple(query_size), tuple(key_size))
-        key = (tuple(query_size), tuple(key_size), table.device, table.dtype, table._version)
+        # Inference tensors (made under torch.inference_mode) cannot change in place.
+        version = 0 if table.is_inference() else table._version
+        key = (tuple(query_size), tuple(key_size), table.device, table.dtype, version)
         bias = self._bias_cache.get(key)
         if bias is None:
             bias = self._compute_bias(tuple(query_size), tuple(key_size)).detach()
