@@ -12,14 +12,13 @@ ADE20K; the tool says so when it is missing).
 """
 import argparse
 import json
-import os
 import sys
 
-from mmengine.config import DictAction
 from mmengine.dist import get_rank
 
 from mmeformer.checkpoint import CheckpointError
-from mmeformer.engine import LaunchError, load_config, test
+from mmeformer.engine import (LaunchError, add_runner_arguments, load_config,
+                              parse_runner_args, test)
 
 
 def parse_args(argv=None):
@@ -28,16 +27,8 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='where the test logs go (default: '
                         'work_dirs/<config path below configs/>)')
-    parser.add_argument('--amp', action='store_true', help='mixed precision (needs a GPU)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
-                        help='override config entries')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local-rank', '--local_rank', type=int, default=0,
-                        help='set by torch.distributed.launch (torchrun uses LOCAL_RANK)')
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_runner_arguments(parser)
+    return parse_runner_args(parser, argv)
 
 
 def main(argv=None):

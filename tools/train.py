@@ -8,12 +8,10 @@ The task follows from the config. Distributed: tools/dist_train.sh (torchrun) or
 tools/slurm_train.sh; without GPUs the processes use the gloo backend on CPU.
 """
 import argparse
-import os
 import sys
 
-from mmengine.config import DictAction
-
-from mmeformer.engine import LaunchError, load_config, train
+from mmeformer.engine import (LaunchError, add_runner_arguments, load_config,
+                              parse_runner_args, train)
 
 
 def parse_args(argv=None):
@@ -24,18 +22,10 @@ def parse_args(argv=None):
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                         help='resume from CKPT, or without a value from the latest checkpoint '
                         'in the work dir')
-    parser.add_argument('--amp', action='store_true', help='mixed precision (needs a GPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the LR by the actual total batch / the recipe batch')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
-                        help='override config entries, e.g. train_cfg.max_epochs=1')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local-rank', '--local_rank', type=int, default=0,
-                        help='set by torch.distributed.launch (torchrun uses LOCAL_RANK)')
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_runner_arguments(parser)
+    return parse_runner_args(parser, argv)
 
 
 def main(argv=None):

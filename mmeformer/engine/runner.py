@@ -31,6 +31,25 @@ class LaunchError(RuntimeError):
     """A command-line or environment choice that cannot work; the message names the fix."""
 
 
+def add_runner_arguments(parser) -> None:
+    """The options tools/train.py and tools/test.py share: --amp, --cfg-options, --launcher,
+    --local-rank / --local_rank (also exported as LOCAL_RANK, see :func:`parse_runner_args`)."""
+    from mmengine.config import DictAction
+    parser.add_argument('--amp', action='store_true', help='mixed precision (needs a GPU)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help='override config entries, e.g. train_cfg.max_epochs=1')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0,
+                        help='set by torch.distributed.launch (torchrun uses LOCAL_RANK)')
+
+
+def parse_runner_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
 def default_work_dir(config_path: str) -> str:
     """``work_dirs/<path below configs/ without .py>``, e.g.
     ``configs/detection/toy/maskrcnn_eformer_l1.py`` -> ``work_dirs/detection/toy/maskrcnn_eformer_l1``
