@@ -4,7 +4,6 @@ sizes, with MACs, achieved GFLOP/s and the fraction of this machine's fp32 matmu
 measured in the same run. Reference implementations (timm, and a stand-in for the official
 per-forward bias handling) can be timed alongside (``compare=True``).
 """
-import contextlib
 import copy
 import csv
 import json
@@ -21,6 +20,7 @@ import torch
 from .complexity import count_macs, count_params
 from .deploy import fuse
 from .export import arch_names, build_model, export_onnx
+from .models.layers import set_bias_caching
 
 RUNTIMES = ('eager', 'fused', 'compile', 'onnxruntime')
 DEFAULT_SIZES = ((224, 224), (512, 512), (800, 1344))
@@ -111,22 +111,6 @@ def matmul_gflops(device: str, dtype: torch.dtype, n: int = 2048, repeats: int =
     return 2 * n ** 3 / (median / 1e3) / 1e9
 
 
-@contextlib.contextmanager
-def per_forward_biases(model: torch.nn.Module):
-    """Stand-in for the official dense code: the bias matrix is gathered and resized again on
-    every forward (no cache), exactly what the snap-research backbones do."""
-    from .models.layers import RelativeBiasAttention
-    modules = [m for m in model.modules() if isinstance(m, RelativeBiasAttention)]
-    originals = [m.attention_bias for m in modules]
-    for m in modules:
-        m.attention_bias = (lambda mod: lambda q, k: mod._compute_bias(tuple(q), tuple(k)))(m)
-    try:
-        yield model
-    finally:
-        for m, original in zip(modules, originals):
-            m.attention_bias = original
-
-
 def _timm_model(variant: str, size: Tuple[int, int]):
     import timm
     kwargs = dict(num_classes=0)
@@ -138,10 +122,11 @@ def _timm_model(variant: str, size: Tuple[int, int]):
     return lambda x: model.forward_intermediates(x, intermediates_only=True)
 
 
-def candidates(variant: str, size: Tuple[int, int], runtimes: Sequence[str], compare: bool,
+def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
+               runtimes: Sequence[str], compare: bool,
                workdir: str) -> List[Tuple[str, str, Callable, str]]:
-    """(implementation, runtime, callable taking x, note) to time for one variant and size."""
-    base = build_model(variant)
+    """(implementation, runtime, callable taking x, note) to time for one variant and size;
+    ``base`` is the eager model (the other runtimes work on copies)."""
     items = []
     for runtime in runtimes:
         if runtime == 'eager':
@@ -170,10 +155,11 @@ def candidates(variant: str, size: Tuple[int, int], runtimes: Sequence[str], com
             items.append(('timm', 'eager', reference,
                           'img_size=512' if variant.startswith('efficientvit_') else ''))
         if not variant.startswith('efficientvit_') and size != (224, 224):
-            official = build_model(variant)
-            cls = type(official)
-            official = cls(arch=official.arch['name'], bias_mode='official',
-                           bias_img_size=800 if size[0] >= 640 else 512).eval()
+            # Stand-in for the official dense code: the bias matrix is gathered and resized again
+            # on every forward, as the snap-research backbones do.
+            official = type(base)(arch=base.arch['name'], bias_mode='official',
+                                  bias_img_size=800 if size[0] >= 640 else 512).eval()
+            set_bias_caching(official, False)
             items.append(('official stand-in', 'eager', official,
                           "bias_mode='official', bias gathered + resized every forward"))
     return items
@@ -191,17 +177,16 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAU
     plan = [(v, s) for v in variants for s in sizes]
     with tempfile.TemporaryDirectory() as workdir:
         for index, (variant, size) in enumerate(plan, 1):
-            params = count_params(build_model(variant))
-            macs = count_macs(build_model(variant), size)
-            for impl, runtime, fn, note in candidates(variant, size, runtimes, compare, workdir):
+            base = build_model(variant)
+            params, macs = count_params(base), count_macs(base, size)
+            for impl, runtime, fn, note in candidates(variant, base, size, runtimes, compare,
+                                                      workdir):
                 if isinstance(fn, torch.nn.Module):
                     fn = fn.to(device=device, dtype=torch_dtype)
                 for batch in batch_sizes:
                     x = torch.randn(batch, 3, *size, device=device, dtype=torch_dtype)
-                    context = (per_forward_biases(fn) if impl == 'official stand-in'
-                               else contextlib.nullcontext())
                     try:
-                        with torch.inference_mode(), context:
+                        with torch.inference_mode():
                             median, p90 = time_ms(lambda: fn(x), warmup, repeats, device)
                     except Exception as err:  # noqa: BLE001 - report and keep going
                         progress(f'  skipped {impl}/{runtime}: {type(err).__name__}: {err}')

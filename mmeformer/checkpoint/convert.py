@@ -41,7 +41,7 @@ def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
     return 'native'
 
 
-def _drop_reason(key: str, family: str) -> Optional[str]:
+def _drop_reason(key: str) -> Optional[str]:
     if key.split('.')[0] in ('head', 'head_dist', 'dist_head', 'norm', 'fc', 'classifier'):
         return HEAD_REASON
     if 'attention_bias_idxs' in key:
@@ -141,7 +141,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], family: str):
     has_seg = any(k.endswith('attention_biases_seg') for k in state_dict)
     converted, dropped = {}, {}
     for key, value in state_dict.items():
-        reason = _drop_reason(key, family)
+        reason = _drop_reason(key)
         if reason is None and has_seg and key.endswith('.attention_biases'):
             reason = PLACEHOLDER_REASON
         if reason is not None:

@@ -158,6 +158,15 @@ BIAS_MODES = ('table', 'official')
 _MAX_CACHED_BIASES = 8
 
 
+def set_bias_caching(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch the eval-time bias caches of every attention in ``model`` on or off."""
+    for module in model.modules():
+        if isinstance(module, RelativeBiasAttention):
+            module.cache_biases = enabled
+            module._bias_cache = {}
+    return model
+
+
 class RelativeBiasAttention(nn.Module):
     """Base class of attention modules with a learned (|dy|, |dx|) bias table.
 
@@ -190,6 +199,7 @@ class RelativeBiasAttention(nn.Module):
         self.table_size = table_size
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size * table_size))
         self._bias_cache: Dict[tuple, torch.Tensor] = {}
+        self.cache_biases = True  # False: recompute every forward, as the reference code does
         # Deploy: a bias frozen for one (query, key) grid (see mmeformer.deploy.fuse).
         self.frozen_sizes = None
         self.record_bias_sizes = False
@@ -231,7 +241,7 @@ class RelativeBiasAttention(nn.Module):
         if self.record_bias_sizes:
             self.recorded_bias_sizes = (tuple(query_size), tuple(key_size))
         table = self.attention_biases
-        cacheable = (not self.training and not is_tracing()
+        cacheable = (self.cache_biases and not self.training and not is_tracing()
                      and not (torch.is_grad_enabled() and table.requires_grad))
         if not cacheable:
             return self._compute_bias(tuple(query_size), tuple(key_size))
