@@ -6,23 +6,10 @@ the EfficientViT optimiser settings: AdamW lr 2e-4, weight decay 0.05; batch 32 
 The backbone has strides 16/32/64; EfficientViTFPN adds strides 8 and 4 with two transposed
 convs, and the FPN head fuses all five levels (strides 4..64).
 """
-_base_ = ['./_base_/semfpn_adamw_40k.py']
+_base_ = ['../_base_/mmeformer_backbones.py', './_base_/semfpn_adamw_40k.py']
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='mmeformer.EfficientViT',
-        arch='m4',
-        out_indices=(0, 1, 2),
-        norm_eval=True,  # as in the official EfficientViT downstream training
-        init_cfg=dict(type='Pretrained', checkpoint='weights/efficientvit_m4.pth')),
-    neck=dict(
-        _delete_=True,
-        type='mmeformer.EfficientViTFPN',
-        in_channels=[128, 256, 384],
-        out_channels=256,
-        start_level=0,
-        num_outs=5,
-        num_extra_trans_convs=2),
+    backbone=dict(_base_.efficientvit_backbone, _delete_=True),
+    neck=dict(_base_.efficientvit_fpn, _delete_=True),
     decode_head=dict(
         in_channels=[256, 256, 256, 256, 256],
         in_index=[0, 1, 2, 3, 4],

@@ -5,23 +5,11 @@ eval mode). The backbone has strides 16/32/64; the neck adds stride 8 and 4 with
 convs, so the standard RPN / RoI heads see strides 4..64. Per-arch files set ``arch``, the
 ImageNet file and the neck ``in_channels``."""
 _base_ = [
+    '../../_base_/mmeformer_backbones.py',
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py', 'mmdet::_base_/datasets/coco_instance.py',
     './schedule_adamw_1x.py'
 ]
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='mmeformer.EfficientViT',
-        arch='m4',
-        out_indices=(0, 1, 2),
-        norm_eval=True,
-        init_cfg=dict(type='Pretrained', checkpoint='weights/efficientvit_m4.pth')),
-    neck=dict(
-        _delete_=True,
-        type='mmeformer.EfficientViTFPN',
-        in_channels=[128, 256, 384],
-        out_channels=256,
-        start_level=0,
-        num_outs=5,
-        num_extra_trans_convs=2))
+    backbone=dict(_base_.efficientvit_backbone, _delete_=True),
+    neck=dict(_base_.efficientvit_fpn, _delete_=True))
 optim_wrapper = dict(optimizer=dict(lr=1e-4, weight_decay=0.05))
