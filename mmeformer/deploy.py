@@ -12,23 +12,20 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .models.layers import DropPath, RelativeBiasAttention
+from .models.layers import DropPath, RelativeBiasAttention, folded_conv_bn
 
 
 @torch.no_grad()
 def fold_batchnorm(layer: nn.Module, bn: _BatchNorm) -> None:
     """Fold ``bn`` (applied right after ``layer``) into the conv / linear ``layer`` in place."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shape = (-1, ) + (1, ) * (layer.weight.dim() - 1)
     if isinstance(layer, nn.ConvTranspose2d):
         raise TypeError('folding BN into a transposed conv is not supported')
-    layer.weight.mul_(scale.view(shape))
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    new_bias = (bias - bn.running_mean) * scale + bn.bias
+    weight, bias = folded_conv_bn(layer.weight, layer.bias, bn)
+    layer.weight.copy_(weight)
     if layer.bias is None:
-        layer.bias = nn.Parameter(new_bias)
+        layer.bias = nn.Parameter(bias)
     else:
-        layer.bias.copy_(new_bias)
+        layer.bias.copy_(bias)
 
 
 def _conv_bn_pairs(module: nn.Module) -> Iterator[Tuple[str, str]]:

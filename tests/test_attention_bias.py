@@ -73,7 +73,7 @@ def test_table_mode_at_224_is_the_classification_gather():
                                (model.stages[3].downsample.attn, (7, 14, 2))]:
         torch.nn.init.normal_(attn.attention_biases)
         idx = first_appearance_index(q, k, step)
-        assert torch.equal(attn.attention_bias((q, q), (k, k)),
+        assert torch.equal(attn.relative_bias((q, q), (k, k)),
                            attn.attention_biases.detach()[:, idx])
 
 

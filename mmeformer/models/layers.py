@@ -93,8 +93,69 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class ConvNorm(nn.Sequential):
-    """Conv2d followed by BatchNorm, stored as ``.conv`` and ``.bn``."""
+def folded_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the conv / linear layer equal to ``bn(layer(x))`` in eval."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    new_bias = shift if bias is None else bias * scale + shift
+    return weight * scale.view((-1, ) + (1, ) * (weight.dim() - 1)), new_bias
+
+
+def _tensor_state(t: Optional[torch.Tensor]) -> tuple:
+    if t is None:
+        return ()
+    # Inference tensors (made under torch.inference_mode) have no version counter.
+    return (t.data_ptr(), 0 if t.is_inference() else t._version)
+
+
+class FoldsBatchNorm(nn.Module):
+    """Mixin running (conv, BatchNorm) pairs as one conv with folded weights in eval.
+
+    Used when the BN is in eval mode, nothing is being traced and no gradient is wanted for the
+    pair's parameters; the folded weights are cached and rebuilt when any parameter or buffer
+    of the pair changes (storage, in-place version, device or dtype) and dropped on ``train()``,
+    ``.to()`` and ``load_state_dict``. Saves a full pass over every BN output; outputs match
+    the unfolded pair up to float rounding. :func:`mmeformer.deploy.fuse` does the same fold
+    permanently.
+    """
+
+    def _conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
+                or not bn.track_running_stats or is_tracing()):
+            return bn(conv(x))
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return bn(conv(x))
+        cache = self.__dict__.setdefault('_fold_cache', {})
+        key = tuple(_tensor_state(t) for t in tensors)
+        entry = cache.get(id(conv))
+        if entry is None or entry[0] != key:
+            with torch.no_grad():
+                entry = (key, *folded_conv_bn(conv.weight, conv.bias, bn))
+            cache[id(conv)] = entry
+        return conv._conv_forward(x, entry[1], entry[2])
+
+    def train(self, mode: bool = True):
+        self.__dict__['_fold_cache'] = {}
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__['_fold_cache'] = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__['_fold_cache'] = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+class ConvNorm(FoldsBatchNorm, nn.Sequential):
+    """Conv2d followed by BatchNorm, stored as ``.conv`` and ``.bn`` (folded in eval, see
+    :class:`FoldsBatchNorm`)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
                  groups: int = 1, bias: bool = True, bn_weight_init: float = 1.):
@@ -104,6 +165,9 @@ class ConvNorm(nn.Sequential):
             bn=nn.BatchNorm2d(out_channels)))
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_bn(self.conv, self.bn, x)
 
 
 def run_blocks(blocks, x, with_cp: bool, *args):
@@ -131,21 +195,41 @@ class Stage(nn.Module):
         return run_blocks(self.blocks, self.downsample(x), self.with_cp)
 
 
-def grid_offsets(query_size: Tuple[int, int], key_size: Tuple[int, int], query_step: int = 1,
-                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Absolute offsets (|dy|, |dx|), each (Nq, Nk), between a query grid and a key grid.
+def axis_offsets(query_len: int, key_len: int, query_step: int = 1,
+                 device=None) -> torch.Tensor:
+    """(query_len, key_len) absolute offsets along one axis; query point i sits at key-grid
+    coordinate ``i * query_step``."""
+    return (torch.arange(query_len, device=device)[:, None] * query_step -
+            torch.arange(key_len, device=device)[None, :]).abs()
 
-    Query point (i, j) sits at key-grid coordinate (i * query_step, j * query_step); both grids
-    are enumerated row-major, which is the token order of ``x.flatten(2)``.
+
+def gather_offset_bias(grid: torch.Tensor, query_size: Tuple[int, int],
+                       key_size: Tuple[int, int], query_step: int = 1) -> torch.Tensor:
+    """(heads, Nq, Nk) bias ``grid[:, |dy|, |dx|]`` for every query/key pair of two row-major grids.
+
+    ``grid`` is (heads, Gy, Gx) and indexed by the offsets along each axis. The index tensors are
+    the two small per-axis offset tables, broadcast, so no (Nq, Nk) index is ever built: the
+    output is the only tensor of that size.
     """
     (hq, wq), (hk, wk) = query_size, key_size
-    dy = (torch.arange(hq, device=device)[:, None] * query_step -
-          torch.arange(hk, device=device)[None, :]).abs()
-    dx = (torch.arange(wq, device=device)[:, None] * query_step -
-          torch.arange(wk, device=device)[None, :]).abs()
-    dy = dy[:, None, :, None].expand(hq, wq, hk, wk).flatten(0, 1).flatten(1, 2)
-    dx = dx[None, :, None, :].expand(hq, wq, hk, wk).flatten(0, 1).flatten(1, 2)
-    return dy, dx
+    dy = axis_offsets(hq, hk, query_step, grid.device)
+    dx = axis_offsets(wq, wk, query_step, grid.device)
+    bias = grid[:, dy[:, None, :, None], dx[None, :, None, :]]  # (heads, hq, wq, hk, wk)
+    return bias.reshape(grid.shape[0], hq * wq, hk * wk)
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` over the last two dims.
+
+    Written out rather than through ``scaled_dot_product_attention``: with key_dim != value_dim
+    (all three families) the CPU fused kernels do not apply and the math fallback adds several
+    full passes over the (Nq, Nk) map. The softmax runs in float32 under autocast.
+    """
+    attn = torch.matmul(q * scale, k.transpose(-2, -1))
+    if bias is not None:
+        attn = attn + bias
+    return torch.matmul(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
 def is_tracing() -> bool:
@@ -234,7 +318,8 @@ class RelativeBiasAttention(nn.Module):
     # -- bias computation ---------------------------------------------------------------------
     def attention_bias(self, query_size: Tuple[int, int],
                        key_size: Tuple[int, int]) -> torch.Tensor:
-        """The (heads, Nq, Nk) additive bias for the given query and key grids."""
+        """The (heads, Nq, Nk) additive bias that forward applies for these query and key grids
+        (cached in eval); equal to :meth:`relative_bias` unless a subclass transforms it."""
         if self.frozen_sizes is not None:
             if is_tracing() or self.frozen_sizes == (tuple(query_size), tuple(key_size)):
                 return self.frozen_attention_bias  # exported as a constant
@@ -242,12 +327,13 @@ class RelativeBiasAttention(nn.Module):
             self.recorded_bias_sizes = (tuple(query_size), tuple(key_size))
         table = self.attention_biases
         cacheable = (self.cache_biases and not self.training and not is_tracing()
-                     and not (torch.is_grad_enabled() and table.requires_grad))
+                     and not (torch.is_grad_enabled() and
+                              any(t.requires_grad for t in self._bias_inputs())))
         if not cacheable:
             return self._compute_bias(tuple(query_size), tuple(key_size))
         # Inference tensors (made under torch.inference_mode) cannot change in place.
-        version = 0 if table.is_inference() else table._version
-        key = (tuple(query_size), tuple(key_size), table.device, table.dtype, version)
+        versions = tuple(0 if t.is_inference() else t._version for t in self._bias_inputs())
+        key = (tuple(query_size), tuple(key_size), table.device, table.dtype, versions)
         bias = self._bias_cache.get(key)
         if bias is None:
             bias = self._compute_bias(tuple(query_size), tuple(key_size)).detach()
@@ -256,7 +342,21 @@ class RelativeBiasAttention(nn.Module):
             self._bias_cache[key] = bias
         return bias
 
+    def _bias_inputs(self) -> Tuple[torch.Tensor, ...]:
+        """Tensors the bias is computed from; a cached bias is valid while none changed."""
+        return (self.attention_biases, )
+
+    def relative_bias(self, query_size: Tuple[int, int],
+                      key_size: Tuple[int, int]) -> torch.Tensor:
+        """The (heads, Nq, Nk) relative-position bias gathered from the table (never cached)."""
+        return self._relative_bias(tuple(query_size), tuple(key_size))
+
     def _compute_bias(self, query_size, key_size) -> torch.Tensor:
+        """What :meth:`attention_bias` returns (and caches); subclasses that transform the
+        bias before use (talking heads) override this and :meth:`_bias_inputs`."""
+        return self._relative_bias(query_size, key_size)
+
+    def _relative_bias(self, query_size, key_size) -> torch.Tensor:
         table = self.attention_biases
         heads, side = table.shape[0], self.table_size
         if self.bias_mode == 'table':
@@ -264,13 +364,12 @@ class RelativeBiasAttention(nn.Module):
             if is_tracing() or tuple(key_size) != (side, side):
                 grid = F.interpolate(grid.float(), size=key_size, mode='bicubic',
                                      align_corners=False).to(table.dtype)
-            dy, dx = grid_offsets(query_size, key_size, self.query_step, table.device)
-            return grid.reshape(heads, -1)[:, dy * key_size[1] + dx]
+            return gather_offset_bias(grid[0], query_size, key_size, self.query_step)
         # 'official': gather the reference matrix, then resize the matrix itself.
         ref_q = math.ceil(side / self.query_step)
         step = math.ceil(side / ref_q)
-        dy, dx = grid_offsets((ref_q, ref_q), (side, side), step, table.device)
-        bias = table[:, dy * side + dx]
+        bias = gather_offset_bias(table.view(heads, side, side), (ref_q, ref_q), (side, side),
+                                  step)
         n_q, n_k = query_size[0] * query_size[1], key_size[0] * key_size[1]
         return F.interpolate(bias[None].float(), size=(n_q, n_k), mode='bicubic',
                              align_corners=False)[0].to(table.dtype)
