@@ -1,8 +1,9 @@
 """Backbone latency report for EfficientFormer / EfficientFormerV2 / EfficientViT (papers:
 arXiv:2206.01191, arXiv:2212.08059, arXiv:2305.07027): variants x input sizes x runtimes x batch
 sizes, with MACs, achieved GFLOP/s and the fraction of this machine's fp32 matmul throughput
-measured in the same run. Reference implementations (timm, and a stand-in for the official
-per-forward bias handling) can be timed alongside (``compare=True``).
+measured in the same run. Reference implementations (timm, and
+:mod:`mmeformer.official_reference` standing in for the official dense code) can be timed
+alongside (``compare=True``).
 """
 import copy
 import csv
@@ -20,7 +21,7 @@ import torch
 from .complexity import count_macs, count_params
 from .deploy import fuse
 from .export import arch_names, build_model, export_onnx
-from .models.layers import set_bias_caching
+from .official_reference import build_official_reference
 
 RUNTIMES = ('eager', 'fused', 'compile', 'onnxruntime')
 DEFAULT_SIZES = ((224, 224), (512, 512), (800, 1344))
@@ -155,13 +156,15 @@ def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
             items.append(('timm', 'eager', reference,
                           'img_size=512' if variant.startswith('efficientvit_') else ''))
         if not variant.startswith('efficientvit_') and size != (224, 224):
-            # Stand-in for the official dense code: the bias matrix is gathered and resized again
-            # on every forward, as the snap-research backbones do.
+            # The released dense weights were trained at 800 (COCO) or 512 (ADE20K).
+            bias_img_size = 800 if max(size) >= 640 else 512
             official = type(base)(arch=base.arch['name'], bias_mode='official',
-                                  bias_img_size=800 if size[0] >= 640 else 512).eval()
-            set_bias_caching(official, False)
-            items.append(('official stand-in', 'eager', official,
-                          "bias_mode='official', bias gathered + resized every forward"))
+                                  bias_img_size=bias_img_size).eval()
+            items.append(('mmeformer official-bias', 'eager', official,
+                          f"bias_mode='official', bias_img_size={bias_img_size}"))
+            reference = build_official_reference(base.family, base.arch['name'], bias_img_size)
+            items.append(('official (re-implemented)', 'eager', reference.eval(),
+                          'mmeformer.official_reference: bias gathered + resized every forward'))
     return items
 
 
@@ -202,6 +205,51 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAU
     return report
 
 
+# -- training memory ---------------------------------------------------------------------------
+def _resident_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def train_step_memory(variant: str, size: Tuple[int, int], batch: int = 2,
+                      implementation: str = 'mmeformer', device: str = 'cpu') -> Dict:
+    """Peak memory of one training step (forward + backward of ``sum(mean(feature))``).
+
+    CUDA: peak allocated bytes above those held before the step. CPU: growth of the process's
+    peak resident set over its resident set before the step (Linux), so run each measurement in
+    a fresh process (``tools/benchmark.py --train-memory`` does).
+    """
+    import resource
+    if implementation == 'mmeformer':
+        model = build_model(variant)
+    elif implementation == 'official (re-implemented)':
+        family = build_model(variant).family
+        model = build_official_reference(family, variant.split('_', 1)[1], 800)
+    else:
+        raise ValueError(f'unknown implementation {implementation!r}')
+    model = model.to(device).train()
+    x = torch.randn(batch, 3, *size, device=device)
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        if not os.path.exists('/proc/self/statm'):
+            raise RuntimeError('CPU training memory is measured from /proc (Linux only); '
+                               'use --device cuda elsewhere')
+        before = _resident_bytes()
+    start = time.perf_counter()
+    sum(f.float().mean() for f in model(x)).backward()
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return dict(variant=variant, implementation=implementation, height=size[0], width=size[1],
+                batch=batch, device=device, peak_mib=round(peak / 2 ** 20, 1),
+                step_s=round(time.perf_counter() - start, 2))
+
+
 # -- writing ---------------------------------------------------------------------------------
 def to_markdown(report: Report) -> str:
     env = report.environment
@@ -216,25 +264,33 @@ def to_markdown(report: Report) -> str:
                      f'{m.gmacs:.3f} | {m.gflops_per_s:.0f} | {100 * m.matmul_fraction:.1f}% |')
     speedups = speedup_lines(report)
     if speedups:
-        lines += ['', 'Ratios in this run (mmeformer eager, default bias mode, as the base):'] + speedups
+        lines += ['', 'Ratios in this run (median latencies):'] + speedups
     return '\n'.join(lines) + '\n'
 
 
+# (implementation, runtime) pairs compared in the ratios: (faster candidate, reference).
+RATIO_PAIRS = ((('mmeformer', 'eager'), ('official (re-implemented)', 'eager')),
+               (('mmeformer official-bias', 'eager'), ('official (re-implemented)', 'eager')),
+               (('mmeformer', 'eager'), ('timm', 'eager')),
+               (('mmeformer', 'fused'), ('mmeformer', 'eager')),
+               (('mmeformer', 'compile'), ('mmeformer', 'eager')),
+               (('mmeformer', 'onnxruntime'), ('mmeformer', 'eager')))
+
+
 def speedup_lines(report: Report) -> List[str]:
-    """Ratios within this run: references against mmeformer eager, and fusion's gain."""
+    """Ratios within this run: mmeformer against the references, and each runtime's gain."""
     index = {(m.variant, m.implementation, m.runtime, m.height, m.width, m.batch): m
              for m in report.measurements}
+    settings = sorted({(m.variant, m.height, m.width, m.batch) for m in report.measurements})
     lines = []
-    for (variant, impl, runtime, h, w, batch), m in sorted(index.items()):
-        ours = index.get((variant, 'mmeformer', 'eager', h, w, batch))
-        if ours is None or (impl, runtime) == ('mmeformer', 'eager'):
-            continue
-        if impl == 'mmeformer':
-            lines.append(f'- {variant} {h}x{w} b{batch}: {runtime} {ours.median_ms / m.median_ms:.2f}x'
-                         f' vs eager ({ours.median_ms:.1f} -> {m.median_ms:.1f} ms)')
-        else:
-            lines.append(f'- {variant} {h}x{w} b{batch}: {m.median_ms / ours.median_ms:.2f}x faster '
-                         f'than {impl} ({m.median_ms:.1f} -> {ours.median_ms:.1f} ms)')
+    for variant, h, w, batch in settings:
+        for fast, slow in RATIO_PAIRS:
+            a = index.get((variant, *fast, h, w, batch))
+            b = index.get((variant, *slow, h, w, batch))
+            if a is not None and b is not None:
+                lines.append(f'- {variant} {h}x{w} b{batch}: {"/".join(fast)} is '
+                             f'{b.median_ms / a.median_ms:.2f}x faster than {"/".join(slow)} '
+                             f'({b.median_ms:.1f} -> {a.median_ms:.1f} ms)')
     return lines
 
 

@@ -6,9 +6,11 @@ JSON (with the environment) and a PNG plot.
     python tools/benchmark.py --out outputs/benchmark        # all 13 at 224, 512, 800x1344
     python tools/benchmark.py --compare --sizes 800x1344 512x512 224x224   # vs timm / official
 
---compare adds, in the same run, timm (all 13 at 224; EfficientViT with img_size=512 at every
-size) and a stand-in for the official dense code (bias_mode='official' with the bias gathered and
-resized on every forward) for EfficientFormer V1/V2 at detection sizes.
+--compare adds, in the same run: timm (all 13 at 224; EfficientViT with img_size=512 at every
+size); for EfficientFormer V1/V2 at detection / segmentation sizes, mmeformer with
+bias_mode='official' and mmeformer.official_reference, a plain re-implementation of the official
+dense backbones (bias matrix gathered and resized bicubically on every forward) that stands in
+for the official code. The report ends with the speed ratios of the run.
 """
 import argparse
 import sys
@@ -42,14 +44,20 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int)
     parser.add_argument('--repeats', type=int)
     parser.add_argument('--compare', action='store_true', help='also time timm and the official '
-                        'bias handling (see below)')
+                        'code stand-in (see below)')
     parser.add_argument('--quick', action='store_true', help='3 variants, 2 sizes, ~1 minute')
+    parser.add_argument('--train-memory', action='store_true',
+                        help='instead of latency: peak memory of one training step (forward + '
+                        'backward) per variant, each in a fresh process (default batch 2, '
+                        '800x1344; with --compare also the official re-implementation)')
     parser.add_argument('--out', default='outputs/benchmark')
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available here')
     if args.device == 'cpu' and args.dtype == 'float16':
         parser.error('float16 on CPU is not a meaningful benchmark; use bfloat16 or --device cuda')
+    if args.train_memory:
+        return train_memory(args)
     settings = dict(QUICK) if args.quick else dict(
         variants=arch_names(), sizes=list(benchmark.DEFAULT_SIZES),
         runtimes=['eager', 'fused', 'compile', 'onnxruntime'], warmup=2, repeats=10)
@@ -66,6 +74,47 @@ def main(argv=None):
     for kind, path in paths.items():
         print(f'wrote {kind}: {path}')
     return 0
+
+
+def train_memory(args) -> int:
+    """Each measurement in its own process: a process's peak resident set only grows."""
+    import json
+    import os
+    import subprocess
+    variants = args.variants or arch_names()
+    (h, w), = args.sizes or [(800, 1344)]
+    batch = args.batch_sizes[0] if args.batch_sizes != [1] else 2
+    rows = []
+    for variant in variants:
+        impls = ['mmeformer']
+        if args.compare and not variant.startswith('efficientvit_'):
+            impls.append('official (re-implemented)')
+        for impl in impls:
+            code = ('import json, torch; from mmeformer.benchmark import train_step_memory; '
+                    f'torch.set_num_threads({args.threads}); '
+                    f'print(json.dumps(train_step_memory({variant!r}, ({h}, {w}), {batch}, '
+                    f'{impl!r}, {args.device!r})))')
+            done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f'{variant} {impl}: failed: {done.stderr.strip().splitlines()[-1]}')
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{variant} {impl}: peak {row['peak_mib']:.0f} MiB, step {row['step_s']:.1f} s",
+                  flush=True)
+    lines = [f'Training step (forward + backward), batch {batch}, {h}x{w}, {args.device}, '
+             f'{args.threads} threads, fp32, random weights; peak memory above the '
+             'model + input (CPU: growth of the peak resident set).', '',
+             '| variant | implementation | peak MiB | step s |', '|---|---|---|---|']
+    lines += [f"| {r['variant']} | {r['implementation']} | {r['peak_mib']:.0f} | "
+              f"{r['step_s']:.1f} |" for r in rows]
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, 'train_memory.md')
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    print(f'wrote md: {path}')
+    return 0 if rows else 1
 
 
 if __name__ == '__main__':

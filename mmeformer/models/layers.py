@@ -87,10 +87,36 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim, ), init_value))
         self.channel_dim = channel_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def shaped_gamma(self, x: torch.Tensor) -> torch.Tensor:
+        """``gamma`` shaped to broadcast over ``x``."""
         if self.channel_dim == 1:
-            return x * self.gamma.view(1, -1, *([1] * (x.dim() - 2)))
-        return x * self.gamma
+            return self.gamma.view(1, -1, *([1] * (x.dim() - 2)))
+        return self.gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.shaped_gamma(x)
+
+
+def _is_active(drop_path: nn.Module) -> bool:
+    return isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0.
+
+
+def scaled_residual(x: torch.Tensor, branch: torch.Tensor, layer_scale: LayerScale,
+                    drop_path: nn.Module) -> torch.Tensor:
+    """``x + drop_path(layer_scale(branch))``; one fused multiply-add unless stochastic depth
+    is active."""
+    if _is_active(drop_path):
+        return x + drop_path(layer_scale(branch))
+    return torch.addcmul(x, layer_scale.shaped_gamma(branch), branch)
+
+
+def scaled_lerp(x: torch.Tensor, target: torch.Tensor, layer_scale: LayerScale,
+                drop_path: nn.Module) -> torch.Tensor:
+    """``x + drop_path(layer_scale(target - x))``; one ``lerp`` unless stochastic depth is
+    active (three passes fewer over the map)."""
+    if _is_active(drop_path):
+        return x + drop_path(layer_scale(target - x))
+    return torch.lerp(x, target, layer_scale.shaped_gamma(x))
 
 
 def folded_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -228,7 +254,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     attn = torch.matmul(q * scale, k.transpose(-2, -1))
     if bias is not None:
-        attn = attn + bias
+        attn = attn.add_(bias)  # in place: the product is not needed for its backward
     return torch.matmul(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
@@ -240,15 +266,6 @@ def is_tracing() -> bool:
 
 BIAS_MODES = ('table', 'official')
 _MAX_CACHED_BIASES = 8
-
-
-def set_bias_caching(model: nn.Module, enabled: bool) -> nn.Module:
-    """Switch the eval-time bias caches of every attention in ``model`` on or off."""
-    for module in model.modules():
-        if isinstance(module, RelativeBiasAttention):
-            module.cache_biases = enabled
-            module._bias_cache = {}
-    return model
 
 
 class RelativeBiasAttention(nn.Module):
@@ -264,9 +281,9 @@ class RelativeBiasAttention(nn.Module):
       ``ref_key_size``; the full reference bias matrix is gathered, then the *matrix* is resized
       bicubically to (Nq, Nk). Needed only to reproduce the released COCO / ADE20K weights.
 
-    In eval (and whenever no gradient can flow into the table), results are cached per
-    (grid sizes, device, dtype, table version); the cache is dropped on ``train()``, ``_apply``
-    (``.to()``, ``.half()``, ...) and ``load_state_dict``.
+    In eval, when no gradient can flow into the bias, results are cached per (grid sizes,
+    device, dtype, versions of the table and of any other input of the bias); the cache is
+    dropped on ``train()``, ``_apply`` (``.to()``, ``.half()``, ...) and ``load_state_dict``.
     """
 
     def _init_bias_table(self, num_heads: int, table_size: int, query_step: int = 1,
@@ -283,7 +300,6 @@ class RelativeBiasAttention(nn.Module):
         self.table_size = table_size
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size * table_size))
         self._bias_cache: Dict[tuple, torch.Tensor] = {}
-        self.cache_biases = True  # False: recompute every forward, as the reference code does
         # Deploy: a bias frozen for one (query, key) grid (see mmeformer.deploy.fuse).
         self.frozen_sizes = None
         self.record_bias_sizes = False
@@ -326,10 +342,7 @@ class RelativeBiasAttention(nn.Module):
         if self.record_bias_sizes:
             self.recorded_bias_sizes = (tuple(query_size), tuple(key_size))
         table = self.attention_biases
-        cacheable = (self.cache_biases and not self.training and not is_tracing()
-                     and not (torch.is_grad_enabled() and
-                              any(t.requires_grad for t in self._bias_inputs())))
-        if not cacheable:
+        if not self.bias_is_constant() or is_tracing():
             return self._compute_bias(tuple(query_size), tuple(key_size))
         # Inference tensors (made under torch.inference_mode) cannot change in place.
         versions = tuple(0 if t.is_inference() else t._version for t in self._bias_inputs())
@@ -341,6 +354,14 @@ class RelativeBiasAttention(nn.Module):
                 self._bias_cache.pop(next(iter(self._bias_cache)))
             self._bias_cache[key] = bias
         return bias
+
+    def bias_is_constant(self) -> bool:
+        """True when the bias is frozen (deploy), or in eval when no gradient can flow into it:
+        it may then be cached."""
+        if self.frozen_sizes is not None:
+            return True
+        return not self.training and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in self._bias_inputs()))
 
     def _bias_inputs(self) -> Tuple[torch.Tensor, ...]:
         """Tensors the bias is computed from; a cached bias is valid while none changed."""
