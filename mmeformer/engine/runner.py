@@ -16,7 +16,7 @@ Whether a config is a detector (mmdet) or a segmentor (mmseg) follows from its
 import os
 import os.path as osp
 import subprocess
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from mmengine.config import Config, ConfigDict
@@ -25,6 +25,7 @@ from mmengine.logging import print_log
 from .safe_load import allow_mmengine_checkpoint_globals
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+AMP_DTYPES = ('float16', 'bfloat16')
 
 
 class LaunchError(RuntimeError):
@@ -32,10 +33,15 @@ class LaunchError(RuntimeError):
 
 
 def add_runner_arguments(parser) -> None:
-    """The options tools/train.py and tools/test.py share: --amp, --cfg-options, --launcher,
-    --local-rank / --local_rank (also exported as LOCAL_RANK, see :func:`parse_runner_args`)."""
+    """The options tools/train.py and tools/test.py share: --amp / --amp-dtype, --cfg-options,
+    --launcher, --local-rank / --local_rank (also exported as LOCAL_RANK, see
+    :func:`parse_runner_args`)."""
     from mmengine.config import DictAction
-    parser.add_argument('--amp', action='store_true', help='mixed precision (needs a GPU)')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision training: AmpOptimWrapper on a GPU, '
+                        'mmeformer.CPUAmpOptimWrapper (CPU autocast) without one')
+    parser.add_argument('--amp-dtype', choices=AMP_DTYPES, default=None,
+                        help='autocast dtype of --amp (default float16; implies --amp)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                         help='override config entries, e.g. train_cfg.max_epochs=1')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
@@ -46,6 +52,8 @@ def add_runner_arguments(parser) -> None:
 
 def parse_runner_args(parser, argv=None):
     args = parser.parse_args(argv)
+    if getattr(args, 'amp_dtype', None):
+        args.amp = args.amp_dtype
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
@@ -69,11 +77,12 @@ def load_config(config_path: str,
                 cfg_options: Optional[dict] = None,
                 launcher: str = 'none',
                 resume: Optional[str] = None,
-                amp: bool = False,
+                amp: Union[bool, str] = False,
                 auto_scale_lr: bool = False) -> Config:
     """Read ``config_path`` and apply the command-line choices.
 
     ``resume``: None (start fresh), ``'auto'`` (the latest checkpoint in the work dir) or a path.
+    ``amp``: False, True (float16) or the autocast dtype, ``'float16'`` or ``'bfloat16'``.
     """
     if not osp.isfile(config_path):
         raise LaunchError(f'config file {config_path!r} does not exist; configs live under '
@@ -99,18 +108,7 @@ def load_config(config_path: str,
             cfg.resume, cfg.load_from = True, resume
 
     if amp:
-        if not torch.cuda.is_available():
-            raise LaunchError('--amp needs a CUDA GPU (mmengine\'s AmpOptimWrapper); drop --amp '
-                              'when training on CPU')
-        wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
-        if wrapper_type == 'AmpOptimWrapper':
-            print_log('AMP is already enabled in the config', logger='current')
-        elif wrapper_type != 'OptimWrapper':
-            raise LaunchError(f'--amp works with optim_wrapper type OptimWrapper, the config '
-                              f'uses {wrapper_type}')
-        else:
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+        _enable_amp(cfg, 'float16' if amp is True else amp)
 
     if auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
@@ -118,6 +116,35 @@ def load_config(config_path: str,
                               f'auto_scale_lr.base_batch_size (the total batch of its recipe)')
         cfg.auto_scale_lr.enable = True
     return cfg
+
+
+def _enable_amp(cfg: Config, dtype: str) -> None:
+    """Switch ``cfg.optim_wrapper`` to mixed precision in ``dtype``: mmengine's
+    ``AmpOptimWrapper`` with a GPU, :class:`mmeformer.engine.amp.CPUAmpOptimWrapper` without."""
+    if dtype not in AMP_DTYPES:
+        raise LaunchError(f'--amp-dtype {dtype!r}: choose one of {AMP_DTYPES}')
+    wrapper = cfg.optim_wrapper
+    wrapper_type = wrapper.get('type', 'OptimWrapper')
+    if wrapper_type in ('AmpOptimWrapper', 'mmeformer.CPUAmpOptimWrapper'):
+        print_log(f'AMP is already enabled in the config ({wrapper_type}); setting its dtype '
+                  f'to {dtype}', logger='current')
+        if torch.cuda.is_available() or wrapper_type != 'AmpOptimWrapper':
+            wrapper.dtype = dtype
+            return
+        wrapper.pop('use_fsdp', None)
+    elif wrapper_type != 'OptimWrapper':
+        raise LaunchError(f'--amp works with optim_wrapper type OptimWrapper, the config '
+                          f'uses {wrapper_type}')
+    if torch.cuda.is_available():
+        wrapper.type, wrapper.dtype = 'AmpOptimWrapper', dtype
+        wrapper.setdefault('loss_scale', 'dynamic')
+    else:
+        wrapper.type, wrapper.dtype = 'mmeformer.CPUAmpOptimWrapper', dtype
+        if dtype == 'float16':
+            wrapper.setdefault('loss_scale', 'dynamic')
+        else:
+            wrapper.pop('loss_scale', None)  # bfloat16 needs no loss scaling
+    print_log(f'mixed precision: {wrapper.type} with dtype {dtype}', logger='current')
 
 
 # -- distributed set-up -------------------------------------------------------------------------
