@@ -8,7 +8,9 @@ The logic behind ``tools/train.py`` and ``tools/test.py`` (which stay thin argum
   (mmengine's own initialisation calls ``torch.cuda.set_device`` and wraps the model with
   ``device_ids``, both of which fail on CPU), and replaces SyncBN by BN on CPU.
 * :func:`build_runner` allow-lists mmengine's checkpoint globals for ``torch.load``
-  (:mod:`mmeformer.engine.safe_load`) and builds the Runner; :func:`train` and :func:`test` run it.
+  (:mod:`mmeformer.engine.safe_load`), makes checkpoint writing crash-safe
+  (:mod:`mmeformer.engine.checkpointing`) and mid-epoch resumption exact
+  (:mod:`mmeformer.engine.loops`) and builds the Runner; :func:`train` and :func:`test` run it.
 
 Whether a config is a detector (mmdet) or a segmentor (mmseg) follows from its
 ``default_scope``; nothing here depends on the task.
@@ -232,10 +234,67 @@ def prepare_distributed(cfg: Config) -> str:
 
 
 # -- runners -----------------------------------------------------------------------------------
+CHECKPOINT_HOOK_TYPES = ('CheckpointHook', 'mmengine.CheckpointHook')
+
+
+def use_atomic_checkpoints(cfg: Config) -> bool:
+    """Make the config's checkpoint hook :class:`~mmeformer.engine.AtomicCheckpointHook`
+    (atomic checkpoint and ``last_checkpoint`` writes) when it is mmengine's plain
+    ``CheckpointHook``; returns whether it did."""
+    hook = (cfg.get('default_hooks') or {}).get('checkpoint')
+    if isinstance(hook, dict) and hook.get('type') in CHECKPOINT_HOOK_TYPES:
+        hook['type'] = 'mmeformer.AtomicCheckpointHook'
+        return True
+    return False
+
+
+def use_resumable_epoch_loop(cfg: Config) -> bool:
+    """Make an epoch-based ``train_cfg`` use
+    :class:`~mmeformer.engine.loops.ResumableEpochBasedTrainLoop` (exact resumption from
+    mid-epoch checkpoints); returns whether it did."""
+    train_cfg = cfg.get('train_cfg')
+    if not isinstance(train_cfg, dict):
+        return False
+    loop_type = train_cfg.get('type')
+    if loop_type in ('EpochBasedTrainLoop', 'mmengine.EpochBasedTrainLoop') or (
+            loop_type is None and train_cfg.get('by_epoch')):
+        train_cfg.pop('by_epoch', None)
+        train_cfg['type'] = 'mmeformer.ResumableEpochBasedTrainLoop'
+        return True
+    return False
+
+
+def restore_resume_seed(cfg: Config) -> Optional[int]:
+    """For a resumed run without a fixed seed: use the random seed of the checkpoint it resumes
+    from. mmengine builds the data samplers (whose shuffling follows the seed) before it
+    restores the checkpoint's seed, so without this the resumed epoch is drawn in another order
+    and skipping its trained batches would skip the wrong samples. Returns the seed set."""
+    randomness = dict(cfg.get('randomness') or {})
+    if not cfg.get('resume') or randomness.get('seed') is not None:
+        return None
+    from mmengine.runner.checkpoint import find_latest_checkpoint
+    path = cfg.get('load_from') or find_latest_checkpoint(cfg.work_dir)
+    if not path or not osp.isfile(path):
+        return None
+    try:  # mmap: only the small meta dict is read
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # noqa: B902 - unreadable: Runner.resume reports it with its reason
+        return None
+    seed = checkpoint.get('meta', {}).get('seed') if isinstance(checkpoint, dict) else None
+    if seed is not None:
+        randomness['seed'] = seed
+        cfg.randomness = randomness
+    return seed
+
+
 def build_runner(cfg: Config):
-    """Allow-list mmengine's checkpoint globals, set up distribution and build the Runner (from
-    the task's own registry when the config sets ``runner_type``)."""
+    """Allow-list mmengine's checkpoint globals, make checkpoint writing atomic and mid-epoch
+    resumption exact (loop, seed), set up distribution and build the Runner (from the task's own
+    registry when the config sets ``runner_type``)."""
     allow_mmengine_checkpoint_globals()
+    use_atomic_checkpoints(cfg)
+    use_resumable_epoch_loop(cfg)
+    restore_resume_seed(cfg)
     prepare_distributed(cfg)
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS

@@ -1,0 +1,398 @@
+"""Interrupted training: a toy run SIGKILLed mid-epoch resumes from its last checkpoint with the
+same iteration count, learning-rate schedule and optimizer state; a checkpoint being written when
+the process dies never replaces (or loses) the previous good one.
+
+The kill-while-writing cases use ``RLIMIT_FSIZE``: a write past the limit makes the kernel send
+``SIGXFSZ``, which kills the process in the middle of that write, a real death mid-write at a
+known point."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmeformer.datasets import make_toy_data
+from mmeformer.engine import allow_mmengine_checkpoint_globals
+from mmeformer.engine.checkpointing import PARTIAL_SUFFIX, atomic_write, remove_stale_partials
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def _load(path):
+    allow_mmengine_checkpoint_globals()
+    return torch.load(str(path), map_location='cpu', weights_only=True)
+
+
+def _partials(directory):
+    return sorted(p.name for p in Path(directory).iterdir() if p.name.endswith(PARTIAL_SUFFIX))
+
+
+def _child_env():
+    env = dict(os.environ, OMP_NUM_THREADS='2', PYTHONPATH=str(REPO))
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    return env
+
+
+# -- atomic writes ------------------------------------------------------------------------------
+WRITE_CHILD = textwrap.dedent('''
+    import resource, signal, sys
+    import torch
+    from mmengine.runner.checkpoint import save_checkpoint
+    import mmeformer.engine  # registers the 'mmeformer_atomic' file backend
+    path, backend, on_error = sys.argv[1], sys.argv[2], sys.argv[3]
+    big = {'meta': {'iter': 4}, 'state_dict': {'w': torch.ones(1 << 18)}}  # 1 MiB of floats
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Python ignores SIGXFSZ (a write past the limit fails with EFBIG); 'die' restores the
+    # default action, which kills the process inside the write.
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL if on_error == 'die' else signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    args = dict(backend=backend) if backend != 'plain' else None
+    try:
+        save_checkpoint(big, path, backend_args=args)  # what Runner.save_checkpoint calls
+    except OSError as err:
+        print(f'write failed: errno {err.errno}', flush=True)
+        sys.exit(3)
+''')
+
+
+def _write_good_checkpoint(path):
+    good = {'meta': {'iter': 2}, 'state_dict': {'w': torch.arange(1000.)}}
+    torch.save(good, str(path))
+    return path.read_bytes()
+
+
+def _write_in_child(path, backend, on_error):
+    return subprocess.run([PYTHON, '-c', WRITE_CHILD, str(path), backend, on_error],
+                          env=_child_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_process_killed_while_writing_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / 'iter_2.pth'
+    before = _write_good_checkpoint(path)
+    proc = _write_in_child(path, 'mmeformer_atomic', 'die')
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr[-3000:]  # died inside the write
+    # The final name still holds the previous checkpoint, byte for byte, and it loads.
+    assert path.read_bytes() == before
+    assert _load(path)['meta']['iter'] == 2
+    # What was being written is only a hidden partial file, cut at the limit...
+    partials = _partials(tmp_path)
+    assert len(partials) == 1 and partials[0].startswith('.iter_2.pth.'), partials
+    assert (tmp_path / partials[0]).stat().st_size == 64 * 1024
+    # ...which the next run removes (its writer is dead).
+    assert remove_stale_partials(tmp_path) == [str(tmp_path / partials[0])]
+    assert _partials(tmp_path) == []
+
+    # Control: mmengine's plain local backend in the same situation destroys the checkpoint.
+    control = tmp_path / 'control' / 'iter_2.pth'
+    control.parent.mkdir()
+    _write_good_checkpoint(control)
+    proc = _write_in_child(control, 'plain', 'die')
+    assert proc.returncode == -signal.SIGXFSZ
+    assert control.stat().st_size == 64 * 1024
+    with pytest.raises(Exception):
+        _load(control)
+
+
+def test_failed_write_raises_and_leaves_nothing_behind(tmp_path):
+    path = tmp_path / 'iter_2.pth'
+    before = _write_good_checkpoint(path)
+    proc = _write_in_child(path, 'mmeformer_atomic', 'raise')
+    assert proc.returncode == 3 and 'errno 27' in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert path.read_bytes() == before
+    assert _partials(tmp_path) == []  # the temporary file was removed on the error
+
+    atomic_write(tmp_path / 'last_checkpoint', str(path))  # text, and replacing a file
+    atomic_write(tmp_path / 'last_checkpoint', 'new')
+    assert (tmp_path / 'last_checkpoint').read_text() == 'new'
+    assert oct((tmp_path / 'last_checkpoint').stat().st_mode & 0o777) == oct(
+        0o666 & ~_umask())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# A tiny real mmengine Runner (a linear model on random data) that checkpoints every iteration
+# with max_keep_ckpts=1 and dies (SIGXFSZ) while writing its second checkpoint.
+RUNNER_CHILD = textwrap.dedent('''
+    import resource, signal, sys
+    import torch, torch.nn as nn
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+    import mmeformer.engine
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(512, 512)  # 1 MiB of weights, 3 MiB with AdamW state
+        def forward(self, x, mode='loss'):
+            return dict(loss=self.fc(torch.stack(x)).pow(2).mean())
+
+    class LimitFileSize(Hook):  # from the second iteration on, a checkpoint cannot be written
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if runner.iter == 1:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # die inside the write (Python ignores it)
+    hook_type = sys.argv[2]
+    runner = Runner(
+        model=Toy(), work_dir=sys.argv[1],
+        train_dataloader=dict(dataset=[dict(x=torch.randn(512)) for _ in range(8)], batch_size=2,
+                              sampler=dict(type='InfiniteSampler', shuffle=False),
+                              collate_fn=dict(type='pseudo_collate')),
+        train_cfg=dict(by_epoch=False, max_iters=4),
+        optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3)),
+        default_hooks=dict(checkpoint=dict(type=hook_type, by_epoch=False, interval=1,
+                                           max_keep_ckpts=1)),
+        custom_hooks=[dict(type=LimitFileSize)])
+    runner.train()
+''')
+
+
+@pytest.mark.parametrize('hook_type', ['mmeformer.AtomicCheckpointHook', 'CheckpointHook'])
+def test_runner_killed_while_checkpointing_keeps_a_resumable_checkpoint(hook_type, tmp_path):
+    proc = subprocess.run([PYTHON, '-c', RUNNER_CHILD, str(tmp_path), hook_type],
+                          env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGXFSZ, (proc.stdout + proc.stderr)[-3000:]
+    pointer = (tmp_path / 'last_checkpoint').read_text()
+    if hook_type == 'CheckpointHook':
+        # mmengine's hook: iter_1.pth deleted before iter_2.pth was written, and that one is
+        # truncated: nothing left to resume from (why the atomic hook exists).
+        assert not (tmp_path / 'iter_1.pth').exists()
+        assert (tmp_path / 'iter_2.pth').stat().st_size == 1 << 20
+        with pytest.raises(Exception):
+            _load(tmp_path / 'iter_2.pth')
+        return
+    # Atomic hook: the previous checkpoint is kept, complete, and the pointer still names it.
+    assert pointer == str(tmp_path / 'iter_1.pth')
+    assert not (tmp_path / 'iter_2.pth').exists()
+    checkpoint = _load(tmp_path / 'iter_1.pth')
+    assert checkpoint['meta']['iter'] == 1
+    assert checkpoint['message_hub']['runtime_info']['keep_ckpt_ids'] == [1]
+    assert len(_partials(tmp_path)) == 1
+
+
+# -- mid-epoch resumption of an epoch-based loop ------------------------------------------------
+# A tiny Runner, 12 samples in batches of 2 (6 iterations per epoch), 2 epochs, a checkpoint
+# every 4 iterations; it SIGKILLs itself as iteration 6 starts (mid-epoch 1) and is resumed.
+# The model logs the sample ids of every batch it trains on.
+EPOCH_CHILD = textwrap.dedent('''
+    import json, os, signal, sys
+    import torch, torch.nn as nn
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+    from mmeformer.engine import allow_mmengine_checkpoint_globals
+
+    allow_mmengine_checkpoint_globals()  # resume under torch.load(weights_only=True)
+    work_dir, loop_type, kill_at, resume = sys.argv[1:5]
+    seen = os.path.join(work_dir, 'seen.jsonl')
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+        def forward(self, x, idx, mode='loss'):
+            with open(seen, 'a') as f:
+                f.write(json.dumps(idx) + '\\n')
+            return dict(loss=self.fc(torch.stack(x)).pow(2).mean())
+
+    class KillAt(Hook):
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if runner.iter == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.manual_seed(0)
+    runner = Runner(
+        model=Toy(), work_dir=work_dir,
+        train_dataloader=dict(dataset=[dict(x=torch.randn(4), idx=i) for i in range(12)],
+                              batch_size=2, sampler=dict(type='DefaultSampler', shuffle=True),
+                              collate_fn=dict(type='pseudo_collate')),
+        train_cfg=dict(type=loop_type, max_epochs=2),
+        optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3)),
+        default_hooks=dict(checkpoint=dict(type='mmeformer.AtomicCheckpointHook',
+                                           by_epoch=False, interval=4)),
+        custom_hooks=[dict(type=KillAt)], randomness=dict(seed=0), resume=resume == 'resume')
+    runner.train()
+''')
+
+
+def _seen(work_dir):
+    return [json.loads(line) for line in (Path(work_dir) / 'seen.jsonl').read_text().splitlines()]
+
+
+def _run_epoch_child(work_dir, loop, kill_at=-1, resume=False):
+    return subprocess.run([PYTHON, '-c', EPOCH_CHILD, str(work_dir), loop, str(kill_at),
+                           'resume' if resume else 'fresh'], env=_child_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_batches(tmp_path_factory):
+    """The batches of the same run without interruption (the same with either loop)."""
+    work_dir = tmp_path_factory.mktemp('reference')
+    proc = _run_epoch_child(work_dir, 'EpochBasedTrainLoop')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _seen(work_dir)
+
+
+@pytest.mark.parametrize('loop', ['mmeformer.ResumableEpochBasedTrainLoop',
+                                  'EpochBasedTrainLoop'])
+def test_epoch_loop_resumes_mid_epoch_exactly(loop, uninterrupted_batches, tmp_path):
+    killed = _run_epoch_child(tmp_path, loop, kill_at=5)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert _load(tmp_path / 'iter_4.pth')['meta']['epoch'] == 0  # inside epoch 1 of 2
+    resumed = _run_epoch_child(tmp_path, loop, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, seen = uninterrupted_batches, _seen(tmp_path)
+    assert len(expected) == 12 and seen[:5] == expected[:5]  # 5 trained before the kill
+    if loop == 'EpochBasedTrainLoop':
+        # Control, mmengine's loop: it replays the whole interrupted epoch (4 extra iterations).
+        assert len(seen[5:]) == 12 and seen[5:11] == expected[:6]
+        return
+    # The resumed run trains exactly iterations 5..12, on the same batches as the reference.
+    assert seen[5:] == expected[4:]
+    assert 'skipping its first 4 of 6 batches' in resumed.stdout + resumed.stderr
+    final = _load(tmp_path / 'iter_12.pth')
+    assert final['meta']['iter'] == 12 and final['message_hub']['runtime_info']['epoch'] == 1
+    assert {int(s['step']) for s in final['optimizer']['state'].values()} == {12}
+
+
+def test_tools_use_the_atomic_hook_and_the_resumable_loop():
+    from mmeformer.engine import load_config, use_atomic_checkpoints, use_resumable_epoch_loop
+    cfg = load_config(str(REPO / 'configs' / 'detection' / 'toy' / 'maskrcnn_eformer_l1.py'))
+    assert use_atomic_checkpoints(cfg) and use_resumable_epoch_loop(cfg)
+    assert cfg.default_hooks.checkpoint.type == 'mmeformer.AtomicCheckpointHook'
+    assert cfg.train_cfg.type == 'mmeformer.ResumableEpochBasedTrainLoop'
+    assert cfg.train_cfg.max_epochs == 4  # the other settings are kept
+    cfg = load_config(str(REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformer_l1.py'))
+    assert use_atomic_checkpoints(cfg) and not use_resumable_epoch_loop(cfg)  # iteration-based
+
+
+# -- SIGKILL mid-epoch and --resume through tools/train.py ---------------------------------------
+# Toy Semantic FPN + EfficientFormerV2-S0: 8 training images, batch 2 = 4 iterations per epoch,
+# a checkpoint every 2 iterations; killed during iteration 3 (mid-epoch), resumed to iteration 4.
+RESUME_CONFIG = '''
+_base_ = ['{base}']
+train_dataloader = dict(batch_size=2)
+train_cfg = dict(max_iters=4, val_interval=100)
+val_dataloader = None
+val_cfg = None
+val_evaluator = None
+default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
+'''
+
+
+def _train_cmd(config, work_dir, *extra):
+    return [PYTHON, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir', str(work_dir),
+            *extra]
+
+
+def _logged(work_dir, key):
+    """{iteration: value} of a scalar logged by the runs in ``work_dir`` (vis_data)."""
+    values = {}
+    for scalars in sorted(Path(work_dir).glob('*/vis_data/scalars.json')):
+        for line in scalars.read_text().splitlines():
+            record = json.loads(line)
+            if key in record:
+                values.setdefault(record['step'], []).append(record[key])
+    return values
+
+
+def _reference_lrs(base_lr, scheduler_cfg, steps):
+    """The learning rates of an uninterrupted run: mmengine's own scheduler on a bare
+    optimizer, stepped once per iteration."""
+    from mmengine.optim.scheduler import PolyLR
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=base_lr)
+    args = {k: v for k, v in scheduler_cfg.items() if k != 'type'}
+    assert scheduler_cfg['type'] == 'PolyLR'
+    scheduler = PolyLR(optimizer, **args)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        scheduler.step()
+    return lrs, optimizer.param_groups[0]['lr']
+
+
+def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path):
+    make_toy_data(str(tmp_path / 'data' / 'toy'), num_train=8, num_val=2, tasks=('ade', ))
+    config = tmp_path / 'resume_cfg.py'
+    base = REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformerv2_s0.py'
+    config.write_text(RESUME_CONFIG.format(base=base))
+    work = tmp_path / 'work'
+    env = _child_env()
+
+    # 1. Train; once the iteration-2 checkpoint and its pointer are on disk, SIGKILL.
+    with open(tmp_path / 'run1.log', 'w') as log:
+        proc = subprocess.Popen(_train_cmd(config, work), cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        pointer = work / 'last_checkpoint'
+        deadline = time.time() + 240
+        while not pointer.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # into iteration 3
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    run1 = (tmp_path / 'run1.log').read_text()
+    assert still_running and proc.returncode == -signal.SIGKILL, run1[-4000:]
+    assert pointer.read_text() == str(work / 'iter_2.pth'), run1[-4000:]
+    assert not (work / 'iter_4.pth').exists()  # killed mid-run, before the next checkpoint
+    assert 'AtomicCheckpointHook' in run1
+    assert _partials(work) == []
+
+    # 2. --resume (latest checkpoint of the work dir) runs to the end.
+    resumed = subprocess.run(_train_cmd(config, work, '--resume'), cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    run2 = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, run2[-4000:]
+    assert 'resumed epoch: 0, iter: 2' in run2
+    # The data sampler of the resumed run shuffles with the interrupted run's seed.
+    seeds = [re.search(r'^\s*seed: (\d+)$', log, re.M).group(1) for log in (run1, run2)]
+    assert seeds[0] == seeds[1]
+    assert 'Advance dataloader 2 steps' in run2  # the mid-epoch data position is restored
+    # Same iteration count: it trains iterations 3 and 4 only, never restarting from 1.
+    assert re.findall(r'Iter\(train\) \[\s*(\d+)/4\]', run2) == ['3', '4'], run2[-4000:]
+    assert pointer.read_text() == str(work / 'iter_4.pth')
+
+    before, after = _load(work / 'iter_2.pth'), _load(work / 'iter_4.pth')
+    assert (before['meta']['iter'], after['meta']['iter']) == (2, 4)
+    hub_before = before['message_hub']['runtime_info']
+    hub_after = after['message_hub']['runtime_info']
+    assert hub_after['iter'] - hub_before['iter'] == 2 and hub_after['max_iters'] == 4
+    # Optimizer state carried over: AdamW's per-parameter step counts continue 2 -> 4 (a fresh
+    # optimizer would be at 2) and every state entry exists for the same parameters.
+    steps_before = {int(s['step']) for s in before['optimizer']['state'].values()}
+    steps_after = {int(s['step']) for s in after['optimizer']['state'].values()}
+    assert (steps_before, steps_after) == ({2}, {4})
+    assert before['optimizer']['state'].keys() == after['optimizer']['state'].keys()
+    assert ([g['initial_lr'] for g in before['optimizer']['param_groups']] ==
+            [g['initial_lr'] for g in after['optimizer']['param_groups']])
+    # Learning-rate schedule: the scheduler state continues, and the rates logged by the two
+    # processes are those of one uninterrupted run.
+    [sched_before], [sched_after] = before['param_schedulers'], after['param_schedulers']
+    assert (sched_before['last_step'], sched_after['last_step']) == (2, 4)
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(config))
+    base_lr = before['optimizer']['param_groups'][0]['initial_lr']
+    expected, lr_after_4 = _reference_lrs(base_lr, cfg.param_scheduler[0], 4)
+    assert sched_after['_last_value'][0] == pytest.approx(lr_after_4, rel=1e-9)
+    logged = _logged(work, 'lr')
+    assert sorted(logged) == [1, 2, 3, 4], logged
+    for step, values in logged.items():  # iteration 3 may be logged by both runs
+        assert values == pytest.approx([expected[step - 1]] * len(values), rel=1e-9), step
+    assert _partials(work) == []
