@@ -56,6 +56,9 @@ def build_model(name_or_config: str, checkpoint: Optional[str] = None,
         from mmengine.registry import MODELS, init_default_scope
         cfg = Config.fromfile(name_or_config)
         init_default_scope(cfg.get('default_scope', 'mmdet'))
+        if with_neck:  # a neck whose in_channels do not fit the backbone: say which, now
+            from .engine.config_check import check_model_config
+            check_model_config(cfg)
         backbone_cfg = dict(cfg.model.backbone)
         backbone_cfg.pop('init_cfg', None)
         backbone = MODELS.build(backbone_cfg)

@@ -47,7 +47,11 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
     shape = tuple(args.shape)
-    model = export.build_model(args.arch, args.checkpoint, args.with_neck)
+    try:
+        model = export.build_model(args.arch, args.checkpoint, args.with_neck)
+    except ValueError as err:  # unknown arch, a config error naming the key (ConfigError)
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     model = export.prepare(model, shape, args.dynamic, fused=not args.no_fuse)
     sizes = export.check_sizes(shape, args.dynamic)
     if args.format == 'onnx':

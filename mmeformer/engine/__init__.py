@@ -1,8 +1,9 @@
-"""Training and testing front-end logic: config loading, distributed set-up (NCCL / gloo),
-Runner building, crash-safe checkpoint writing, exact mid-epoch resumption, CPU mixed precision
-and safe loading of mmengine checkpoints."""
+"""Training and testing front-end logic: config loading and checking, distributed set-up
+(NCCL / gloo), Runner building, crash-safe checkpoint writing, exact mid-epoch resumption, CPU
+mixed precision and safe loading of mmengine checkpoints."""
 from .amp import CPUAmpOptimWrapper
 from .checkpointing import AtomicCheckpointHook, AtomicLocalBackend, atomic_write
+from .config_check import ConfigError, backbone_out_channels, check_model_config
 from .loops import ResumableEpochBasedTrainLoop
 from .runner import (LaunchError, add_runner_arguments, build_runner, default_work_dir,
                      load_config, parse_runner_args, prepare_distributed, restore_resume_seed,
@@ -10,10 +11,11 @@ from .runner import (LaunchError, add_runner_arguments, build_runner, default_wo
 from .safe_load import allow_mmengine_checkpoint_globals, mmengine_checkpoint_globals
 
 __all__ = [
-    'AtomicCheckpointHook', 'AtomicLocalBackend', 'CPUAmpOptimWrapper', 'LaunchError',
-    'ResumableEpochBasedTrainLoop', 'add_runner_arguments',
-    'allow_mmengine_checkpoint_globals', 'atomic_write', 'build_runner', 'default_work_dir',
-    'load_config', 'mmengine_checkpoint_globals', 'parse_runner_args', 'prepare_distributed',
+    'AtomicCheckpointHook', 'AtomicLocalBackend', 'CPUAmpOptimWrapper', 'ConfigError',
+    'LaunchError', 'ResumableEpochBasedTrainLoop', 'add_runner_arguments',
+    'allow_mmengine_checkpoint_globals', 'atomic_write', 'backbone_out_channels',
+    'build_runner', 'check_model_config', 'default_work_dir', 'load_config',
+    'mmengine_checkpoint_globals', 'parse_runner_args', 'prepare_distributed',
     'restore_resume_seed', 'test', 'train', 'use_atomic_checkpoints',
     'use_resumable_epoch_loop'
 ]

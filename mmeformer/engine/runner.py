@@ -7,7 +7,8 @@ The logic behind ``tools/train.py`` and ``tools/test.py`` (which stay thin argum
 * :func:`prepare_distributed` picks the process-group backend: NCCL with GPUs, gloo without
   (mmengine's own initialisation calls ``torch.cuda.set_device`` and wraps the model with
   ``device_ids``, both of which fail on CPU), and replaces SyncBN by BN on CPU.
-* :func:`build_runner` allow-lists mmengine's checkpoint globals for ``torch.load``
+* :func:`build_runner` checks the model config (:func:`mmeformer.engine.check_model_config`),
+  allow-lists mmengine's checkpoint globals for ``torch.load``
   (:mod:`mmeformer.engine.safe_load`), makes checkpoint writing crash-safe
   (:mod:`mmeformer.engine.checkpointing`) and mid-epoch resumption exact
   (:mod:`mmeformer.engine.loops`) and builds the Runner; :func:`train` and :func:`test` run it.
@@ -288,9 +289,11 @@ def restore_resume_seed(cfg: Config) -> Optional[int]:
 
 
 def build_runner(cfg: Config):
-    """Allow-list mmengine's checkpoint globals, make checkpoint writing atomic and mid-epoch
-    resumption exact (loop, seed), set up distribution and build the Runner (from the task's own
-    registry when the config sets ``runner_type``)."""
+    """Check the model config, allow-list mmengine's checkpoint globals, make checkpoint
+    writing atomic and mid-epoch resumption exact (loop, seed), set up distribution and build
+    the Runner (from the task's own registry when the config sets ``runner_type``)."""
+    from .config_check import check_model_config
+    check_model_config(cfg)
     allow_mmengine_checkpoint_globals()
     use_atomic_checkpoints(cfg)
     use_resumable_epoch_loop(cfg)
