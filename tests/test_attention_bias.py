@@ -120,3 +120,24 @@ def test_model_built_under_inference_mode_runs():
         first = model(torch.randn(1, 3, 64, 64))
         second = model(torch.randn(1, 3, 64, 64))
     assert [o.shape for o in first] == [o.shape for o in second]
+
+
+@pytest.mark.parametrize('bias_mode', ['table', 'official'])
+def test_talking_head_fold_equals_the_training_form(bias_mode):
+    """Eval folds talking head 1 into the cached bias; with gradients it runs unfolded. Both
+    must give the same attention, and the cached form must follow in-place weight edits."""
+    model = EfficientFormerV2('s0', bias_mode=bias_mode, bias_img_size=256).eval()
+    attn = model.stages[2].blocks[4].token_mixer  # the stride-2 attention of stage 3
+    torch.manual_seed(0)
+    with torch.no_grad():
+        attn.attention_biases.normal_()
+        attn.talking_head1.weight.normal_()
+        attn.talking_head1.bias.normal_()
+    x = torch.randn(2, 96, 10, 14)
+    unfolded = attn(x)  # gradients enabled: the training form
+    assert unfolded.requires_grad
+    with torch.no_grad():
+        folded = attn(x)
+        torch.testing.assert_close(folded, unfolded.detach(), rtol=1e-5, atol=1e-5)
+        attn.talking_head1.weight.mul_(-1.)
+        assert not torch.allclose(attn(x), folded, atol=1e-3)  # cache follows the edit

@@ -159,3 +159,46 @@ def test_backbones_need_only_torch_and_mmengine():
             'print("ok")\n')
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr
+
+
+def test_eval_batchnorm_folding_never_goes_stale():
+    """Eval runs conv+BN pairs with cached folded weights; the cache must follow every change
+    and equal the plain conv -> BN computation."""
+    from mmeformer.models.layers import ConvNorm
+    layer = ConvNorm(8, 16, 3).eval()
+    with torch.no_grad():
+        layer.bn.running_mean.normal_()
+        layer.bn.running_var.uniform_(0.5, 2.)
+        layer.bn.weight.normal_()
+    x = torch.randn(2, 8, 9, 11)
+
+    def plain():
+        return layer.bn(layer.conv(x))
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain(), rtol=1e-5, atol=1e-5)
+        layer.bn.running_var.mul_(4.)  # in-place edit of a buffer
+        torch.testing.assert_close(layer(x), plain(), rtol=1e-5, atol=1e-5)
+        layer.load_state_dict({k: v + 1. if v.is_floating_point() else v
+                               for k, v in layer.state_dict().items()})
+        torch.testing.assert_close(layer(x), plain(), rtol=1e-5, atol=1e-5)
+        layer.double()
+        assert layer(x.double()).dtype == torch.float64
+        layer.float()
+    out = layer(x)  # gradients wanted: the unfolded path, with a graph into the BN weight
+    out.sum().backward()
+    assert layer.bn.weight.grad is not None and layer.conv.weight.grad is not None
+
+
+@pytest.mark.parametrize('cls', [EfficientFormer, EfficientFormerV2, EfficientViT])
+def test_channels_last_layout_changes_no_numbers(cls):
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(2, 3, 100, 164)
+    with torch.no_grad():
+        fast = model(x)
+        model.channels_last = False
+        plain = model(x)
+    for a, b in zip(fast, plain):
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -114,7 +114,9 @@ def scaled_lerp(x: torch.Tensor, target: torch.Tensor, layer_scale: LayerScale,
                 drop_path: nn.Module) -> torch.Tensor:
     """``x + drop_path(layer_scale(target - x))``; one ``lerp`` unless stochastic depth is
     active (three passes fewer over the map)."""
-    if _is_active(drop_path):
+    if _is_active(drop_path) or not x.dtype == target.dtype == layer_scale.gamma.dtype:
+        # Mixed dtypes (autocast): lerp does not promote; the fp32 gamma keeps the residual
+        # stream, and with it the norms that follow, in fp32.
         return x + drop_path(layer_scale(target - x))
     return torch.lerp(x, target, layer_scale.shaped_gamma(x))
 

@@ -9,7 +9,6 @@ Parameter names follow timm's layout (``stem``, ``stages.i.downsample``, ``stage
 :mod:`mmeformer.checkpoint`. Output norms (``out_norms.i``) are those of the dense backbone.
 """
 import math
-from collections import OrderedDict
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
-from ..layers import (LayerScale, RelativeBiasAttention, drop_path_or_identity, run_blocks,
+from ..layers import (FoldsBatchNorm, LayerScale, RelativeBiasAttention, drop_path_or_identity,
+                      run_blocks, scaled_lerp, scaled_residual, softmax_attention,
                       stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
@@ -41,11 +41,11 @@ class Attention(RelativeBiasAttention):
         qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=-1)
         bias = self.attention_bias(hw, hw).to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = softmax_attention(q, k, v, self.key_dim ** -0.5, bias)
         return self.proj(x.transpose(1, 2).reshape(b, n, -1))
 
 
-class PoolMlp(nn.Module):
+class PoolMlp(FoldsBatchNorm):
     """1x1 conv MLP with BatchNorm, on NCHW maps."""
 
     def __init__(self, dim: int, hidden: int):
@@ -57,7 +57,7 @@ class PoolMlp(nn.Module):
         self.norm2 = nn.BatchNorm2d(dim)
 
     def forward(self, x):
-        return self.norm2(self.fc2(self.act(self.norm1(self.fc1(x)))))
+        return self._conv_bn(self.fc2, self.norm2, self.act(self._conv_bn(self.fc1, self.norm1, x)))
 
 
 class TokenMlp(nn.Module):
@@ -84,8 +84,8 @@ class PoolBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, hw=None) -> torch.Tensor:
         pooled = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-        x = x + self.drop_path(self.ls1(pooled - x))
-        return x + self.drop_path(self.ls2(self.mlp(x)))
+        x = scaled_lerp(x, pooled, self.ls1, self.drop_path)
+        return scaled_residual(x, self.mlp(x), self.ls2, self.drop_path)
 
 
 class AttentionBlock(nn.Module):
@@ -103,8 +103,8 @@ class AttentionBlock(nn.Module):
         self.drop_path = drop_path_or_identity(drop_path)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.token_mixer(self.norm1(x), hw)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = scaled_residual(x, self.token_mixer(self.norm1(x), hw), self.ls1, self.drop_path)
+        return scaled_residual(x, self.mlp(self.norm2(x)), self.ls2, self.drop_path)
 
 
 class MapToTokens(nn.Module):
@@ -115,7 +115,7 @@ class MapToTokens(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class Downsample(nn.Module):
+class Downsample(FoldsBatchNorm):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -123,7 +123,25 @@ class Downsample(nn.Module):
         self.norm = nn.BatchNorm2d(out_channels)
 
     def forward(self, x):
-        return self.norm(self.conv(x))
+        return self._conv_bn(self.conv, self.norm, x)
+
+
+class Stem(FoldsBatchNorm):
+    """2 x [conv3x3 stride 2, BN, ReLU]."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        half = out_channels // 2
+        self.conv1 = nn.Conv2d(in_channels, half, 3, 2, 1)
+        self.norm1 = nn.BatchNorm2d(half)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(half, out_channels, 3, 2, 1)
+        self.norm2 = nn.BatchNorm2d(out_channels)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x):
+        x = self.act1(self._conv_bn(self.conv1, self.norm1, x))
+        return self.act2(self._conv_bn(self.conv2, self.norm2, x))
 
 
 class EfficientFormerStage(nn.Module):
@@ -149,8 +167,8 @@ class EfficientFormerStage(nn.Module):
         x = self.downsample(x)
         b, c, h, w = x.shape
         x = run_blocks(self.blocks, x, self.with_cp, (h, w))
-        if x.dim() == 3:
-            x = x.transpose(1, 2).reshape(b, c, h, w)
+        if x.dim() == 3:  # tokens back to a (channels-last) NCHW map, without a copy
+            x = x.view(b, h, w, c).permute(0, 3, 1, 2)
         return x
 
 
@@ -175,6 +193,10 @@ class EfficientFormer(MobileBackbone):
         out_norm_cfg: norm applied to each returned level; the dense release uses
             ``dict(type='GN', num_groups=1)``.
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=PATH, prefix=None)``.
+        check_finite: raise a ``ValueError`` on a NaN / Inf input (naming the batch samples)
+            and on a non-finite output level; costs a device sync per forward. Off by default.
+        channels_last: compute in channels-last memory layout (outputs keep it): faster on CPU
+            and for tensor cores; numerically the same. False keeps the input's layout.
     """
     family = 'EfficientFormer'
     arch_settings = {
@@ -196,8 +218,11 @@ class EfficientFormer(MobileBackbone):
                  layer_scale_init_value: float = 1e-5,
                  with_cp: bool = False,
                  out_norm_cfg: Optional[dict] = dict(type='GN', num_groups=1),
-                 init_cfg: Optional[dict] = None):
-        super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg)
+                 init_cfg: Optional[dict] = None,
+                 check_finite: bool = False,
+                 channels_last: bool = True):
+        super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg,
+                         check_finite, channels_last)
         self.arch = resolve_arch(arch, self.arch_settings, self.family)
         depths, widths = self.arch['depths'], self.arch['widths']
         self._set_bias_mode(bias_mode, bias_img_size)
@@ -206,12 +231,7 @@ class EfficientFormer(MobileBackbone):
             table_size=self.table_size, bias_mode=bias_mode,
             ref_grid=math.ceil(bias_img_size / 32) if bias_mode == 'official' else None)
 
-        half = widths[0] // 2
-        self.stem = nn.Sequential(OrderedDict(
-            conv1=nn.Conv2d(in_channels, half, 3, 2, 1), norm1=nn.BatchNorm2d(half),
-            act1=nn.ReLU(),
-            conv2=nn.Conv2d(half, widths[0], 3, 2, 1), norm2=nn.BatchNorm2d(widths[0]),
-            act2=nn.ReLU()))
+        self.stem = Stem(in_channels, widths[0])
         rates = stochastic_depth_rates(drop_path_rate, depths)
         stages, prev = [], widths[0]
         for i, (depth, width) in enumerate(zip(depths, widths)):

@@ -11,7 +11,7 @@ converted by :mod:`mmeformer.checkpoint`.
 """
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,18 +19,41 @@ import torch.nn.functional as F
 
 from ...registry import MODELS
 from ..layers import (ConvNorm, LayerScale, RelativeBiasAttention, Stage, drop_path_or_identity,
-                      stochastic_depth_rates)
+                      scaled_residual, softmax_attention, stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
 
 def _heads_first(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, heads * c, H, W) -> (B, heads, H * W, c)."""
+    """(B, heads * c, H, W) -> (B, heads, H * W, c); a view for channels-last maps."""
     b = t.shape[0]
     return t.flatten(2).view(b, num_heads, -1, t.shape[-2] * t.shape[-1]).transpose(-2, -1)
 
 
+def _heads_to_map(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(B, heads, H * W, c) -> (B, heads * c, H, W), laid out channels-last (one copy)."""
+    b = t.shape[0]
+    return t.transpose(1, 2).reshape(b, size[0], size[1], -1).permute(0, 3, 1, 2)
+
+
+def _mix_heads(conv: nn.Conv2d, maps: torch.Tensor, add: Optional[torch.Tensor] = None,
+               weight_scale: float = 1.) -> torch.Tensor:
+    """A 1x1 conv over the head dim of (B, heads, Nq, Nk) maps, as one (heads x heads) matmul
+    over the flattened maps (a 1x1 conv with 8 channels on a huge map is several times slower).
+    ``add`` (heads, Nq, Nk) replaces the conv bias when given."""
+    b, heads = maps.shape[:2]
+    weight = (conv.weight.view(heads, heads) * weight_scale).to(maps.dtype)
+    add = conv.bias.view(1, heads, 1) if add is None else add.reshape(1, heads, -1)
+    mixed = torch.baddbmm(add.to(maps.dtype), weight.expand(b, heads, heads), maps.flatten(2))
+    return mixed.view(maps.shape)
+
+
 class Attention4D(RelativeBiasAttention):
-    """Attention on NCHW maps with talking heads; optionally attends at half resolution."""
+    """Attention on NCHW maps with talking heads; optionally attends at half resolution.
+
+    The talking head before the softmax is linear over heads, so in eval it is applied to the
+    bias once (cached with it) and to ``q k^T`` with the scale folded into its weight:
+    ``th1(s * q k^T + B) = (s * W1) q k^T + (W1 B + b1)``.
+    """
 
     def __init__(self, dim: int, stride: int, bias_mode: str, ref_grid: Optional[int],
                  num_heads: int = 8, key_dim: int = 32, attn_ratio: int = 4, table_size: int = 7):
@@ -50,19 +73,33 @@ class Attention4D(RelativeBiasAttention):
         self.proj = ConvNorm(inner, dim)
         self._init_bias_table(num_heads, table_size, bias_mode=bias_mode, ref_key_size=ref_grid)
 
+    def _bias_inputs(self):
+        return (self.attention_biases, self.talking_head1.weight, self.talking_head1.bias)
+
+    def _compute_bias(self, query_size, key_size) -> torch.Tensor:
+        """The bias after talking head 1: ``W1 B + b1``."""
+        return _mix_heads(self.talking_head1, self._relative_bias(query_size, key_size)[None])[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full_size = x.shape[-2:]
         if self.stride_conv is not None:
             x = self.stride_conv(x)
-        b, _, h, w = x.shape
+        h, w = x.shape[-2:]
         q = _heads_first(self.q(x), self.num_heads)
         k = _heads_first(self.k(x), self.num_heads)
         v = self.v(x)
         v_local = self.v_local(v)
         v = _heads_first(v, self.num_heads)
-        attn = (q @ k.transpose(-2, -1)) * self.scale + self.attention_bias((h, w), (h, w))
-        attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
-        out = (attn @ v).transpose(-2, -1).reshape(b, -1, h, w) + v_local
+        logits = torch.matmul(q, k.transpose(-2, -1))
+        if self.bias_is_constant():
+            attn = _mix_heads(self.talking_head1, logits,
+                              add=self.attention_bias((h, w), (h, w)), weight_scale=self.scale)
+        else:  # training: one saved (B, heads, N, N) map for talking head 1's gradient
+            bias = self.relative_bias((h, w), (h, w)).to(logits.dtype)
+            attn = _mix_heads(self.talking_head1, logits.mul_(self.scale).add_(bias))
+        attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        attn = _mix_heads(self.talking_head2, attn)
+        out = _heads_to_map(torch.matmul(attn, v), (h, w)) + v_local
         if self.stride_conv is not None:
             # Back to the exact input size (the dense reference crashes on odd sizes here).
             out = F.interpolate(out, size=full_size, mode='bilinear', align_corners=False)
@@ -103,15 +140,14 @@ class AttentionDownsample(RelativeBiasAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q(x)
-        b, _, hq, wq = q.shape
+        query_size = q.shape[-2:]
         v = self.v(x)
         v_local = self.v_local(v)
-        bias = self.attention_bias((hq, wq), tuple(x.shape[-2:])).to(q.dtype)
-        out = F.scaled_dot_product_attention(
+        bias = self.attention_bias(tuple(query_size), tuple(x.shape[-2:])).to(q.dtype)
+        out = softmax_attention(
             _heads_first(q, self.num_heads), _heads_first(self.k(x), self.num_heads),
-            _heads_first(v, self.num_heads), attn_mask=bias)
-        out = out.transpose(-2, -1).reshape(b, -1, hq, wq) + v_local
-        return self.proj(self.act(out))
+            _heads_first(v, self.num_heads), self.key_dim ** -0.5, bias)
+        return self.proj(self.act(_heads_to_map(out, query_size) + v_local))
 
 
 class Downsample(nn.Module):
@@ -155,8 +191,8 @@ class EfficientFormerV2Block(nn.Module):
 
     def forward(self, x):
         if self.token_mixer is not None:
-            x = x + self.drop_path(self.ls1(self.token_mixer(x)))
-        return x + self.drop_path(self.ls2(self.mlp(x)))
+            x = scaled_residual(x, self.token_mixer(x), self.ls1, self.drop_path)
+        return scaled_residual(x, self.mlp(x), self.ls2, self.drop_path)
 
 
 @MODELS.register_module()
@@ -168,7 +204,7 @@ class EfficientFormerV2(MobileBackbone):
             of stages 3 and 4) and ``mlp_ratios`` (one list per stage, one ratio per block).
         bias_mode: ``'table'`` (default) or ``'official'`` (snap-research dense backbone, with
             reference grids derived from ``bias_img_size``: 800 for COCO, 512 for ADE20K).
-        Other arguments as :class:`~mmeformer.models.EfficientFormer`.
+        Other arguments (``check_finite``, ``channels_last`` included) as :class:`~mmeformer.models.EfficientFormer`.
     """
     family = 'EfficientFormerV2'
     arch_settings = {
@@ -197,8 +233,11 @@ class EfficientFormerV2(MobileBackbone):
                  layer_scale_init_value: float = 1e-5,
                  with_cp: bool = False,
                  out_norm_cfg: Optional[dict] = None,
-                 init_cfg: Optional[dict] = None):
-        super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg)
+                 init_cfg: Optional[dict] = None,
+                 check_finite: bool = False,
+                 channels_last: bool = True):
+        super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg,
+                         check_finite, channels_last)
         self.arch = resolve_arch(arch, self.arch_settings, self.family)
         depths, widths = self.arch['depths'], self.arch['widths']
         num_vit = self.arch['num_vit']
