@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmeformer.models import EfficientFormer, EfficientFormerV2
+from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
 
 
 def first_appearance_index(query_grid, key_grid, step):
@@ -141,3 +141,24 @@ def test_talking_head_fold_equals_the_training_form(bias_mode):
         torch.testing.assert_close(folded, unfolded.detach(), rtol=1e-5, atol=1e-5)
         attn.talking_head1.weight.mul_(-1.)
         assert not torch.allclose(attn(x), folded, atol=1e-3)  # cache follows the edit
+
+
+@pytest.mark.parametrize('cls', [EfficientFormer, EfficientFormerV2, EfficientViT])
+def test_query_chunked_inference_equals_the_full_maps(cls, monkeypatch):
+    """Inference runs attention query chunk by query chunk; with small chunks forced (16 query
+    rows) the features must equal those of the unchunked forward that autograd records."""
+    from mmeformer.models import layers
+    monkeypatch.setattr(layers, 'QUERY_CHUNK_ELEMENTS', 1)
+    assert len(layers.query_chunks(80, 8, 80)) == 1  # gradients enabled here: never chunked
+    torch.manual_seed(0)
+    model = cls().eval()
+    for name, value in model.named_parameters():
+        if name.endswith(('attention_biases', 'talking_head1.weight', 'talking_head2.bias')):
+            torch.nn.init.normal_(value)  # make the bias and the talking heads matter
+    x = torch.randn(1, 3, 256, 320)
+    full = model(x)
+    with torch.no_grad():
+        assert len(layers.query_chunks(80, 8, 80)) == 5
+        chunked = model(x)
+    for a, b in zip(chunked, full):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-4 * b.abs().max().item())

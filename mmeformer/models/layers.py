@@ -7,7 +7,7 @@ offset (|dy|, |dx|) between a query and a key; :class:`RelativeBiasAttention` ow
 """
 import math
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -79,6 +79,17 @@ def stochastic_depth_rates(drop_path_rate: float, depths) -> list:
     return out
 
 
+class GELU(nn.GELU):
+    """Exact (erf) GELU; on a channels-last map it runs on the NHWC view, where torch's kernel
+    is about twice as fast as on the same memory seen as channels-last NCHW."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+                memory_format=torch.channels_last):
+            return F.gelu(x.permute(0, 2, 3, 1), approximate=self.approximate).permute(0, 3, 1, 2)
+        return F.gelu(x, approximate=self.approximate)
+
+
 class LayerScale(nn.Module):
     """Per-channel scale ``gamma``; ``channel_dim`` is 1 for NCHW maps and -1 for tokens."""
 
@@ -141,6 +152,20 @@ def _tensor_state(t: Optional[torch.Tensor]) -> tuple:
     return (t.data_ptr(), 0 if t.is_inference() else t._version)
 
 
+def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``conv`` applied to ``x`` (with other ``weight`` / ``bias`` when given). A pointwise conv
+    on a channels-last map runs as a GEMM on its NHWC view: up to 2x faster than the conv
+    kernel on the small maps of the later stages."""
+    if weight is None:
+        weight, bias = conv.weight, conv.bias
+    if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.groups == 1 and x.dim() == 4 and not is_tracing()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return conv._conv_forward(x, weight, bias)
+
+
 class FoldsBatchNorm(nn.Module):
     """Mixin running (conv, BatchNorm) pairs as one conv with folded weights in eval.
 
@@ -155,10 +180,10 @@ class FoldsBatchNorm(nn.Module):
     def _conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
                 or not bn.track_running_stats or is_tracing()):
-            return bn(conv(x))
+            return bn(conv2d(conv, x))
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return bn(conv(x))
+            return bn(conv2d(conv, x))
         cache = self.__dict__.setdefault('_fold_cache', {})
         key = tuple(_tensor_state(t) for t in tensors)
         entry = cache.get(id(conv))
@@ -166,7 +191,7 @@ class FoldsBatchNorm(nn.Module):
             with torch.no_grad():
                 entry = (key, *folded_conv_bn(conv.weight, conv.bias, bn))
             cache[id(conv)] = entry
-        return conv._conv_forward(x, entry[1], entry[2])
+        return conv2d(conv, x, entry[1], entry[2])
 
     def train(self, mode: bool = True):
         self.__dict__['_fold_cache'] = {}
@@ -246,24 +271,52 @@ def gather_offset_bias(grid: torch.Tensor, query_size: Tuple[int, int],
     return bias.reshape(grid.shape[0], hq * wq, hk * wk)
 
 
+def is_tracing() -> bool:
+    """True while torch.jit.trace / the TorchScript ONNX exporter or torch.export records the
+    graph: shape branches must then be avoided so that one export serves every input size, and
+    the eager-only speed paths (caches, channels-last, query chunks) stay out of the graph."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+# Elements (heads x query rows x keys) of one query chunk of an attention map in inference:
+# a few MB, so that the logits, the softmax and what follows stay in cache instead of streaming
+# full (heads, Nq, Nk) maps through memory several times (2-2.5x faster at detection sizes).
+QUERY_CHUNK_ELEMENTS = 1 << 20
+
+
+def query_chunks(num_queries: int, heads: int, num_keys: int) -> List[Optional[slice]]:
+    """Slices of the query axis for chunked inference; ``[None]`` (all queries at once) while
+    autograd records (the full maps are saved for backward anyway), while tracing (shapes must
+    stay symbolic) or when one chunk holds them all."""
+    rows = max(16, QUERY_CHUNK_ELEMENTS // max(1, heads * num_keys))
+    if torch.is_grad_enabled() or is_tracing() or rows >= num_queries:
+        return [None]
+    return [slice(start, min(start + rows, num_queries))
+            for start in range(0, num_queries, rows)]
+
+
+def query_rows(t: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
+    """Rows ``rows`` of the second-to-last (query) axis of ``t``; all of ``t`` for None."""
+    return t if rows is None else t[..., rows, :]
+
+
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``softmax(q k^T * scale + bias) v`` over the last two dims.
+    """``softmax(q k^T * scale + bias) v`` for (..., heads, N, d) inputs and a (heads, Nq, Nk)
+    bias, query chunk by query chunk in inference (see :func:`query_chunks`).
 
     Written out rather than through ``scaled_dot_product_attention``: with key_dim != value_dim
     (all three families) the CPU fused kernels do not apply and the math fallback adds several
     full passes over the (Nq, Nk) map. The softmax runs in float32 under autocast.
     """
-    attn = torch.matmul(q * scale, k.transpose(-2, -1))
-    if bias is not None:
-        attn = attn.add_(bias)  # in place: the product is not needed for its backward
-    return torch.matmul(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
-
-
-def is_tracing() -> bool:
-    """True while torch.jit.trace / the TorchScript ONNX exporter records the graph; shape
-    branches must then be avoided so that one export serves every input size."""
-    return torch.jit.is_tracing()
+    q, kt = q * scale, k.transpose(-2, -1)
+    outs = []
+    for rows in query_chunks(q.shape[-2], q.shape[-3] if q.dim() > 2 else 1, k.shape[-2]):
+        attn = torch.matmul(query_rows(q, rows), kt)
+        if bias is not None:
+            attn = attn.add_(query_rows(bias, rows))  # in place: not needed for the backward
+        outs.append(torch.matmul(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
 BIAS_MODES = ('table', 'official')

@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
-from ..layers import (FoldsBatchNorm, LayerScale, RelativeBiasAttention, drop_path_or_identity,
-                      run_blocks, scaled_lerp, scaled_residual, softmax_attention,
-                      stochastic_depth_rates)
+from ..layers import (GELU, FoldsBatchNorm, LayerScale, RelativeBiasAttention,
+                      drop_path_or_identity, run_blocks, scaled_lerp, scaled_residual,
+                      softmax_attention, stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
 
@@ -52,7 +52,7 @@ class PoolMlp(FoldsBatchNorm):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.norm1 = nn.BatchNorm2d(hidden)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
         self.norm2 = nn.BatchNorm2d(dim)
 
@@ -65,7 +65,7 @@ class TokenMlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):

@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
-from ..layers import (ConvNorm, LayerScale, RelativeBiasAttention, Stage, drop_path_or_identity,
-                      scaled_residual, softmax_attention, stochastic_depth_rates)
+from ..layers import (GELU, ConvNorm, LayerScale, RelativeBiasAttention, Stage,
+                      drop_path_or_identity, query_chunks, query_rows, scaled_residual,
+                      softmax_attention, stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
 
@@ -35,24 +36,20 @@ def _heads_to_map(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, size[0], size[1], -1).permute(0, 3, 1, 2)
 
 
-def _mix_heads(conv: nn.Conv2d, maps: torch.Tensor, add: Optional[torch.Tensor] = None,
-               weight_scale: float = 1.) -> torch.Tensor:
-    """A 1x1 conv over the head dim of (B, heads, Nq, Nk) maps, as one (heads x heads) matmul
-    over the flattened maps (a 1x1 conv with 8 channels on a huge map is several times slower).
-    ``add`` (heads, Nq, Nk) replaces the conv bias when given."""
-    b, heads = maps.shape[:2]
-    weight = (conv.weight.view(heads, heads) * weight_scale).to(maps.dtype)
-    add = conv.bias.view(1, heads, 1) if add is None else add.reshape(1, heads, -1)
-    mixed = torch.baddbmm(add.to(maps.dtype), weight.expand(b, heads, heads), maps.flatten(2))
-    return mixed.view(maps.shape)
+def _mix_heads(weight: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv's (heads x heads) ``weight`` applied over the head dim of (B, heads, Nq, Nk)
+    maps as one matmul (a 1x1 conv with 8 channels on such maps is several times slower)."""
+    heads = maps.shape[1]
+    return torch.matmul(weight.view(heads, heads).to(maps.dtype), maps.flatten(2)).view(maps.shape)
 
 
 class Attention4D(RelativeBiasAttention):
     """Attention on NCHW maps with talking heads; optionally attends at half resolution.
 
-    The talking head before the softmax is linear over heads, so in eval it is applied to the
-    bias once (cached with it) and to ``q k^T`` with the scale folded into its weight:
-    ``th1(s * q k^T + B) = (s * W1) q k^T + (W1 B + b1)``.
+    Both talking heads are linear over heads, which allows two rewrites (same outputs):
+    before the softmax, ``th1(s * q k^T + B) = (s * W1) q k^T + (W1 B + b1)``, so in eval the
+    bias is cached after talking head 1; after it, ``(W2 P + b2) v = (W2 P) v + b2 * sum_n v``,
+    so the bias of talking head 2 never touches the (Nq, Nk) map.
     """
 
     def __init__(self, dim: int, stride: int, bias_mode: str, ref_grid: Optional[int],
@@ -69,7 +66,7 @@ class Attention4D(RelativeBiasAttention):
         self.v_local = ConvNorm(inner, inner, 3, groups=inner)
         self.talking_head1 = nn.Conv2d(num_heads, num_heads, 1)
         self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.proj = ConvNorm(inner, dim)
         self._init_bias_table(num_heads, table_size, bias_mode=bias_mode, ref_key_size=ref_grid)
 
@@ -78,7 +75,8 @@ class Attention4D(RelativeBiasAttention):
 
     def _compute_bias(self, query_size, key_size) -> torch.Tensor:
         """The bias after talking head 1: ``W1 B + b1``."""
-        return _mix_heads(self.talking_head1, self._relative_bias(query_size, key_size)[None])[0]
+        bias = _mix_heads(self.talking_head1.weight, self._relative_bias(query_size, key_size)[None])
+        return bias[0] + self.talking_head1.bias.view(-1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full_size = x.shape[-2:]
@@ -90,16 +88,25 @@ class Attention4D(RelativeBiasAttention):
         v = self.v(x)
         v_local = self.v_local(v)
         v = _heads_first(v, self.num_heads)
-        logits = torch.matmul(q, k.transpose(-2, -1))
-        if self.bias_is_constant():
-            attn = _mix_heads(self.talking_head1, logits,
-                              add=self.attention_bias((h, w), (h, w)), weight_scale=self.scale)
+        folded = self.bias_is_constant()
+        if folded:  # eval: talking head 1 and the scale already applied to the cached bias
+            bias, w1 = self.attention_bias((h, w), (h, w)), self.talking_head1.weight * self.scale
         else:  # training: one saved (B, heads, N, N) map for talking head 1's gradient
-            bias = self.relative_bias((h, w), (h, w)).to(logits.dtype)
-            attn = _mix_heads(self.talking_head1, logits.mul_(self.scale).add_(bias))
-        attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
-        attn = _mix_heads(self.talking_head2, attn)
-        out = _heads_to_map(torch.matmul(attn, v), (h, w)) + v_local
+            bias, w1 = self.relative_bias((h, w), (h, w)), self.talking_head1.weight
+        bias = bias.to(q.dtype)
+        kt, outs = k.transpose(-2, -1), []
+        for rows in query_chunks(q.shape[-2], self.num_heads, k.shape[-2]):
+            logits = torch.matmul(query_rows(q, rows), kt)
+            if folded:
+                attn = _mix_heads(w1, logits).add_(query_rows(bias, rows))
+            else:
+                attn = _mix_heads(w1, logits.mul_(self.scale).add_(query_rows(bias, rows)))
+                attn = attn + self.talking_head1.bias.view(1, -1, 1, 1).to(attn.dtype)
+            attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+            outs.append(torch.matmul(_mix_heads(self.talking_head2.weight, attn), v))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        out = out + self.talking_head2.bias.view(1, -1, 1, 1).to(v.dtype) * v.sum(2, keepdim=True)
+        out = _heads_to_map(out, (h, w)) + v_local
         if self.stride_conv is not None:
             # Back to the exact input size (the dense reference crashes on odd sizes here).
             out = F.interpolate(out, size=full_size, mode='bilinear', align_corners=False)
@@ -133,7 +140,7 @@ class AttentionDownsample(RelativeBiasAttention):
         self.k = ConvNorm(dim, key_dim * num_heads)
         self.v = ConvNorm(dim, inner)
         self.v_local = ConvNorm(inner, inner, 3, stride=2, groups=inner)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.proj = ConvNorm(inner, out_dim)
         self._init_bias_table(num_heads, table_size, query_step=2, bias_mode=bias_mode,
                               ref_key_size=ref_grid)
@@ -172,7 +179,7 @@ class ConvMlp(nn.Module):
         self.fc1 = ConvNorm(dim, hidden)
         self.mid = ConvNorm(hidden, hidden, 3, groups=hidden)
         self.fc2 = ConvNorm(hidden, dim)
-        self.act = nn.GELU()
+        self.act = GELU()
 
     def forward(self, x):
         return self.fc2(self.act(self.mid(self.act(self.fc1(x)))))
@@ -262,8 +269,8 @@ class EfficientFormerV2(MobileBackbone):
         down_attn = dict(bias_mode=bias_mode, ref_grid=ref_grid(16))
 
         self.stem = nn.Sequential(OrderedDict(
-            conv1=ConvNorm(in_channels, widths[0] // 2, 3, stride=2), act1=nn.GELU(),
-            conv2=ConvNorm(widths[0] // 2, widths[0], 3, stride=2), act2=nn.GELU()))
+            conv1=ConvNorm(in_channels, widths[0] // 2, 3, stride=2), act1=GELU(),
+            conv2=ConvNorm(widths[0] // 2, widths[0], 3, stride=2), act2=GELU()))
         rates = stochastic_depth_rates(drop_path_rate, depths)
         stages, last = [], len(depths) - 1
         for i, depth in enumerate(depths):
