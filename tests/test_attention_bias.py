@@ -162,3 +162,29 @@ def test_query_chunked_inference_equals_the_full_maps(cls, monkeypatch):
         chunked = model(x)
     for a, b in zip(chunked, full):
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_v2_training_saves_no_bias_sized_tensors():
+    """Training saves for backward only the attention maps the math needs (per talking-head
+    attention: the logits for talking head 1's weight gradient, the softmax output and the map
+    mixed by talking head 2; per downsample attention: its softmax output) and never a
+    (heads, Nq, Nk) bias: the bias gather keeps only its small per-axis index."""
+    model = EfficientFormerV2('s0').train()
+    x = torch.randn(2, 3, 256, 320)
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = model(x)
+    n, heads, batch = 8 * 10, 8, 2  # n: tokens of the 1/32 grid
+    bias_sizes = {heads * n * n, heads * n * 4 * n}  # a bias has no batch dim
+    assert not [numel for numel, _, _ in saved if numel in bias_sizes]
+    storages = {(ptr, nbytes) for _, ptr, nbytes in saved}
+    talking_head_maps = [s for s in storages if s[1] == 4 * batch * heads * n * n]
+    downsample_maps = [s for s in storages if s[1] == 4 * batch * heads * n * 4 * n]
+    assert len(talking_head_maps) == 3 * 4  # 4 attention blocks in s0
+    assert len(downsample_maps) == 1
+    sum(o.mean() for o in outs).backward()
