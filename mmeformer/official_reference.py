@@ -132,6 +132,42 @@ class DenseBias(nn.Module):
         return F.interpolate(bias[None], size=(n_q, n_k), mode='bicubic', align_corners=False)
 
 
+class _DenseBackbone(nn.Module):
+    """What both dense backbones share: the stem (``patch_embed``), the ``network`` list of
+    stages interleaved with downsamplings, and the returned levels 0, 2, 4, 6."""
+
+    out_indices = (0, 2, 4, 6)
+
+    def _build(self, widths, depths, act: type, make_block, make_embedding):
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(3, widths[0] // 2, 3, 2, 1), nn.BatchNorm2d(widths[0] // 2), act(),
+            nn.Conv2d(widths[0] // 2, widths[0], 3, 2, 1), nn.BatchNorm2d(widths[0]), act())
+        network = []
+        for i, depth in enumerate(depths):
+            blocks = []
+            for j in range(depth):
+                blocks.extend(make_block(i, j))
+            network.append(nn.Sequential(*blocks))
+            if i < len(depths) - 1:
+                network.append(make_embedding(i))
+        self.network = nn.ModuleList(network)
+
+    def _output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x) -> Tuple[torch.Tensor, ...]:
+        x = self.patch_embed(x)
+        outs = []
+        for idx, block in enumerate(self.network):
+            b, c, h, w = x.shape
+            x = block(x)
+            if x.dim() == 3:  # tokens after V1's Flat placeholder: back to NCHW
+                x = x.transpose(1, 2).reshape(b, c, h, w)
+            if idx in self.out_indices:
+                outs.append(self._output(idx, x))
+        return tuple(outs)
+
+
 # ------------------------------------------------------------------------------------------------
 # EfficientFormer V1
 # ------------------------------------------------------------------------------------------------
@@ -241,7 +277,7 @@ class V1Meta3D(nn.Module):
         return x + self.layer_scale_2 * self.mlp(self.norm2(x))
 
 
-class OfficialEfficientFormer(nn.Module):
+class OfficialEfficientFormer(_DenseBackbone):
     """Dense EfficientFormer V1 backbone (``network.0..6``, output norms ``norm0/2/4/6``)."""
 
     def __init__(self, arch: str, bias_img_size: int):
@@ -249,38 +285,20 @@ class OfficialEfficientFormer(nn.Module):
         cfg = V1_ARCHS[arch]
         depths, widths, num_vit = cfg['depths'], cfg['widths'], cfg['num_vit']
         seg_grid = math.ceil(bias_img_size / 32)
-        self.patch_embed = nn.Sequential(
-            nn.Conv2d(3, widths[0] // 2, 3, 2, 1), nn.BatchNorm2d(widths[0] // 2), nn.ReLU(),
-            nn.Conv2d(widths[0] // 2, widths[0], 3, 2, 1), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        network = []
-        for i, depth in enumerate(depths):
-            blocks = []
-            for j in range(depth):
-                if i == 3 and j >= depth - num_vit:
-                    if j == depth - num_vit:
-                        blocks.append(V1Flat())
-                    blocks.append(V1Meta3D(widths[i], seg_grid))
-                else:
-                    blocks.append(V1Meta4D(widths[i]))
-            network.append(nn.Sequential(*blocks))
-            if i < 3:
-                network.append(V1Embedding(widths[i], widths[i + 1]))
-        self.network = nn.ModuleList(network)
-        self.out_indices = (0, 2, 4, 6)
+
+        def make_block(i, j):
+            if i < 3 or j < depths[i] - num_vit:
+                return [V1Meta4D(widths[i])]
+            flat = [V1Flat()] if j == depths[i] - num_vit else []
+            return flat + [V1Meta3D(widths[i], seg_grid)]
+
+        self._build(widths, depths, nn.ReLU, make_block,
+                    lambda i: V1Embedding(widths[i], widths[i + 1]))
         for idx, width in zip(self.out_indices, widths):
             self.add_module(f'norm{idx}', nn.GroupNorm(1, width))
 
-    def forward(self, x) -> Tuple[torch.Tensor, ...]:
-        x = self.patch_embed(x)
-        outs = []
-        for idx, block in enumerate(self.network):
-            b, c, h, w = x.shape
-            x = block(x)
-            if x.dim() == 3:  # tokens after the Flat placeholder: back to NCHW
-                x = x.transpose(1, 2).reshape(b, c, h, w)
-            if idx in self.out_indices:
-                outs.append(getattr(self, f'norm{idx}')(x))
-        return tuple(outs)
+    def _output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, f'norm{index}')(x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,7 +487,7 @@ class V2AttnFFN(nn.Module):
         return x + self.layer_scale_2 * self.mlp(x)
 
 
-class OfficialEfficientFormerV2(nn.Module):
+class OfficialEfficientFormerV2(_DenseBackbone):
     """Dense EfficientFormerV2 backbone (``network.0..6``, no output norms)."""
 
     def __init__(self, arch: str, bias_img_size: int):
@@ -478,34 +496,16 @@ class OfficialEfficientFormerV2(nn.Module):
         depths, widths, num_vit = cfg['depths'], cfg['widths'], cfg['num_vit']
         grid16 = math.ceil(bias_img_size / 16)
         seg_grids = {2: math.ceil(grid16 / 2), 3: math.ceil(bias_img_size / 32)}
-        self.patch_embed = nn.Sequential(
-            nn.Conv2d(3, widths[0] // 2, 3, 2, 1), nn.BatchNorm2d(widths[0] // 2), nn.GELU(),
-            nn.Conv2d(widths[0] // 2, widths[0], 3, 2, 1), nn.BatchNorm2d(widths[0]), nn.GELU())
-        network = []
-        for i, depth in enumerate(depths):
-            blocks = []
-            for j in range(depth):
-                ratio = cfg['mlp_ratios'][i][j]
-                if i >= 2 and j >= depth - num_vit:
-                    blocks.append(V2AttnFFN(widths[i], ratio, seg_grids[i],
-                                            stride=2 if i == 2 else 1))
-                else:
-                    blocks.append(V2FFN(widths[i], ratio))
-            network.append(nn.Sequential(*blocks))
-            if i < 3:
-                network.append(V2Embedding(widths[i], widths[i + 1],
-                                           seg_key_grid=grid16 if i == 2 else None))
-        self.network = nn.ModuleList(network)
-        self.out_indices = (0, 2, 4, 6)
 
-    def forward(self, x) -> Tuple[torch.Tensor, ...]:
-        x = self.patch_embed(x)
-        outs = []
-        for idx, block in enumerate(self.network):
-            x = block(x)
-            if idx in self.out_indices:
-                outs.append(x)
-        return tuple(outs)
+        def make_block(i, j):
+            ratio = cfg['mlp_ratios'][i][j]
+            if i >= 2 and j >= depths[i] - num_vit:
+                return [V2AttnFFN(widths[i], ratio, seg_grids[i], stride=2 if i == 2 else 1)]
+            return [V2FFN(widths[i], ratio)]
+
+        self._build(widths, depths, nn.GELU, make_block,
+                    lambda i: V2Embedding(widths[i], widths[i + 1],
+                                          seg_key_grid=grid16 if i == 2 else None))
 
 
 def build_official_reference(family: str, arch: str, bias_img_size: int) -> nn.Module:
