@@ -180,6 +180,11 @@ class MobileBackbone(BaseModule):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _to_output(self, x: torch.Tensor) -> torch.Tensor:
+        # Levels leave in the standard NCHW layout: some consumers read raw NCHW memory (mmcv's
+        # RoIAlign does; with channels-last levels a Mask R-CNN's RoI head stops learning).
+        return x.contiguous() if self.channels_last else x
+
     def _check_single_image_batch_norm(self, x: torch.Tensor):
         """A training-mode BatchNorm cannot normalise a 1x1 map of a single image (torch raises
         "Expected more than 1 value per channel" without saying why); say what to change."""
@@ -195,15 +200,15 @@ class MobileBackbone(BaseModule):
                 f'side, norm_eval=True, or eval mode')
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Return one NCHW feature map per entry of ``out_indices`` (laid out channels-last in
-        memory unless ``channels_last=False``)."""
+        """Return one (contiguous) NCHW feature map per entry of ``out_indices``."""
         self._check_input(x)
         x = self.stem(self._to_memory_format(x))
         outs = []
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.out_indices:
-                outs.append(self.out_norms[str(i)](x) if self.out_norms is not None else x)
+                outs.append(self._to_output(
+                    self.out_norms[str(i)](x) if self.out_norms is not None else x))
             if i == self.out_indices[-1]:
                 break
         return tuple(outs)
@@ -219,7 +224,7 @@ class MobileBackbone(BaseModule):
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in wanted:
-                feats.append(x)
+                feats.append(self._to_output(x))
             if i == max(wanted):
                 break
         return feats

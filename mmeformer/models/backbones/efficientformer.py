@@ -195,8 +195,8 @@ class EfficientFormer(MobileBackbone):
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=PATH, prefix=None)``.
         check_finite: raise a ``ValueError`` on a NaN / Inf input (naming the batch samples)
             and on a non-finite output level; costs a device sync per forward. Off by default.
-        channels_last: compute in channels-last memory layout (outputs keep it): faster on CPU
-            and for tensor cores; numerically the same. False keeps the input's layout.
+        channels_last: compute in channels-last memory layout (the returned levels are made
+            contiguous NCHW again): faster on CPU and for tensor cores; numerically the same.
     """
     family = 'EfficientFormer'
     arch_settings = {

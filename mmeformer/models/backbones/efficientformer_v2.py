@@ -213,7 +213,8 @@ class EfficientFormerV2(MobileBackbone):
             of stages 3 and 4) and ``mlp_ratios`` (one list per stage, one ratio per block).
         bias_mode: ``'table'`` (default) or ``'official'`` (snap-research dense backbone, with
             reference grids derived from ``bias_img_size``: 800 for COCO, 512 for ADE20K).
-        Other arguments (``check_finite``, ``channels_last`` included) as :class:`~mmeformer.models.EfficientFormer`.
+        Other arguments (``check_finite``, ``channels_last`` included) as
+        :class:`~mmeformer.models.EfficientFormer`.
     """
     family = 'EfficientFormerV2'
     arch_settings = {

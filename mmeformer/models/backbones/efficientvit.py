@@ -189,7 +189,8 @@ class EfficientViT(MobileBackbone):
             ``kernels`` (q depthwise kernel per head index).
         window_size: attention window (7 in every stage, the downstream setting).
         out_indices: stages returned, strides 16, 32, 64.
-        Other arguments (``check_finite``, ``channels_last`` included) as :class:`~mmeformer.models.EfficientFormer`;
+        Other arguments (``check_finite``, ``channels_last`` included) as
+        :class:`~mmeformer.models.EfficientFormer`;
         ``out_norm_cfg`` defaults to None.
     """
     family = 'EfficientViT'
