@@ -146,6 +146,7 @@ def folded_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 def _tensor_state(t: Optional[torch.Tensor]) -> tuple:
+    """(storage, in-place version) of ``t``: a cache keyed on it never outlives a change."""
     if t is None:
         return ()
     # Inference tensors (made under torch.inference_mode) have no version counter.
@@ -399,9 +400,8 @@ class RelativeBiasAttention(nn.Module):
         table = self.attention_biases
         if not self.bias_is_constant() or is_tracing():
             return self._compute_bias(tuple(query_size), tuple(key_size))
-        # Inference tensors (made under torch.inference_mode) cannot change in place.
-        versions = tuple(0 if t.is_inference() else t._version for t in self._bias_inputs())
-        key = (tuple(query_size), tuple(key_size), table.device, table.dtype, versions)
+        key = (tuple(query_size), tuple(key_size), table.device, table.dtype,
+               tuple(_tensor_state(t) for t in self._bias_inputs()))
         bias = self._bias_cache.get(key)
         if bias is None:
             bias = self._compute_bias(tuple(query_size), tuple(key_size)).detach()
