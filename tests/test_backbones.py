@@ -202,3 +202,39 @@ def test_channels_last_layout_changes_no_numbers(cls):
     for a, b in zip(fast, plain):
         assert a.is_contiguous()  # consumers such as mmcv's RoIAlign read raw NCHW memory
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_inplace_gelu_only_without_autograd():
+    """GELU(inplace=True) overwrites its input only while autograd is off, so training graphs
+    keep the input that GELU's backward needs."""
+    from mmeformer.models.layers import GELU
+    act = GELU(inplace=True)
+    nchw = torch.randn(2, 5, 6, 7)
+    for x in (nchw, nchw.to(memory_format=torch.channels_last)):
+        expected = torch.nn.functional.gelu(x)
+        kept = x.clone().requires_grad_()
+        out = act(kept)
+        out.sum().backward()  # would raise if the saved input had been overwritten
+        torch.testing.assert_close(kept.detach(), x)
+        with torch.no_grad():
+            overwritten = x.clone()
+            out = act(overwritten)
+        assert out.data_ptr() == overwritten.data_ptr() and out.stride() == x.stride()
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(overwritten, expected)
+
+
+@pytest.mark.parametrize('cls', [EfficientFormer, EfficientFormerV2, EfficientViT])
+def test_inference_equals_eval_with_autograd(cls):
+    """The in-place activations, query chunks and caches of no-grad inference give the numbers
+    of the plain eval graph, and leave the caller's input untouched."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(1, 3, 96, 160)
+    x_before = x.clone()
+    with torch.no_grad():
+        fast = model(x)
+    plain = model(x.requires_grad_())
+    torch.testing.assert_close(x.detach(), x_before, rtol=0, atol=0)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5 * b.abs().max().item())

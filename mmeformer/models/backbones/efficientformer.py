@@ -52,7 +52,7 @@ class PoolMlp(FoldsBatchNorm):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.norm1 = nn.BatchNorm2d(hidden)
-        self.act = GELU()
+        self.act = GELU(inplace=True)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
         self.norm2 = nn.BatchNorm2d(dim)
 
@@ -65,7 +65,7 @@ class TokenMlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = GELU()
+        self.act = GELU(inplace=True)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
@@ -134,10 +134,10 @@ class Stem(FoldsBatchNorm):
         half = out_channels // 2
         self.conv1 = nn.Conv2d(in_channels, half, 3, 2, 1)
         self.norm1 = nn.BatchNorm2d(half)
-        self.act1 = nn.ReLU()
+        self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(half, out_channels, 3, 2, 1)
         self.norm2 = nn.BatchNorm2d(out_channels)
-        self.act2 = nn.ReLU()
+        self.act2 = nn.ReLU(inplace=True)
 
     def forward(self, x):
         x = self.act1(self._conv_bn(self.conv1, self.norm1, x))

@@ -36,13 +36,17 @@ def _heads_to_map(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, size[0], size[1], -1).permute(0, 3, 1, 2)
 
 
-def _mix_heads(weight: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+def _mix_heads(weight: torch.Tensor, maps: torch.Tensor,
+               add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A 1x1 conv's (heads x heads) ``weight`` applied over the head dim of (B, heads, Nq, Nk)
-    maps as one matmul (a 1x1 conv with 8 channels on such maps is several times slower)."""
+    maps as one matmul (a 1x1 conv with 8 channels on such maps is several times slower), plus
+    ``add`` (heads, Nq, Nk) in the same pass when given."""
     b, heads = maps.shape[:2]
     # bmm, not matmul: matmul would fold the batch by copying a transpose of the maps.
     weight = weight.view(1, heads, heads).to(maps.dtype).expand(b, heads, heads)
-    return torch.bmm(weight, maps.flatten(2)).view(maps.shape)
+    if add is None:
+        return torch.bmm(weight, maps.flatten(2)).view(maps.shape)
+    return torch.baddbmm(add.reshape(1, heads, -1), weight, maps.flatten(2)).view(maps.shape)
 
 
 class Attention4D(RelativeBiasAttention):
@@ -68,7 +72,7 @@ class Attention4D(RelativeBiasAttention):
         self.v_local = ConvNorm(inner, inner, 3, groups=inner)
         self.talking_head1 = nn.Conv2d(num_heads, num_heads, 1)
         self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1)
-        self.act = GELU()
+        self.act = GELU(inplace=True)
         self.proj = ConvNorm(inner, dim)
         self._init_bias_table(num_heads, table_size, bias_mode=bias_mode, ref_key_size=ref_grid)
 
@@ -77,7 +81,8 @@ class Attention4D(RelativeBiasAttention):
 
     def _compute_bias(self, query_size, key_size) -> torch.Tensor:
         """The bias after talking head 1: ``W1 B + b1``."""
-        bias = _mix_heads(self.talking_head1.weight, self._relative_bias(query_size, key_size)[None])
+        bias = self._relative_bias(query_size, key_size)[None]
+        bias = _mix_heads(self.talking_head1.weight, bias)
         return bias[0] + self.talking_head1.bias.view(-1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,11 +90,13 @@ class Attention4D(RelativeBiasAttention):
         if self.stride_conv is not None:
             x = self.stride_conv(x)
         h, w = x.shape[-2:]
-        q = _heads_first(self.q(x), self.num_heads)
-        k = _heads_first(self.k(x), self.num_heads)
+        # Contiguous per-head operands: bmm on strided head views is 2-3x slower (see
+        # softmax_attention).
+        q = _heads_first(self.q(x), self.num_heads).contiguous()
+        k = _heads_first(self.k(x), self.num_heads).contiguous()
         v = self.v(x)
         v_local = self.v_local(v)
-        v = _heads_first(v, self.num_heads)
+        v = _heads_first(v, self.num_heads).contiguous()
         folded = self.bias_is_constant()
         if folded:  # eval: talking head 1 and the scale already applied to the cached bias
             bias, w1 = self.attention_bias((h, w), (h, w)), self.talking_head1.weight * self.scale
@@ -100,7 +107,7 @@ class Attention4D(RelativeBiasAttention):
         for rows in query_chunks(q.shape[-2], self.num_heads, k.shape[-2]):
             logits = torch.matmul(query_rows(q, rows), kt)
             if folded:
-                attn = _mix_heads(w1, logits).add_(query_rows(bias, rows))
+                attn = _mix_heads(w1, logits, add=query_rows(bias, rows))
             else:
                 attn = _mix_heads(w1, logits.mul_(self.scale).add_(query_rows(bias, rows)))
                 attn = attn.add_(self.talking_head1.bias.view(1, -1, 1, 1).to(attn.dtype))
@@ -142,7 +149,7 @@ class AttentionDownsample(RelativeBiasAttention):
         self.k = ConvNorm(dim, key_dim * num_heads)
         self.v = ConvNorm(dim, inner)
         self.v_local = ConvNorm(inner, inner, 3, stride=2, groups=inner)
-        self.act = GELU()
+        self.act = GELU(inplace=True)
         self.proj = ConvNorm(inner, out_dim)
         self._init_bias_table(num_heads, table_size, query_step=2, bias_mode=bias_mode,
                               ref_key_size=ref_grid)
@@ -181,7 +188,7 @@ class ConvMlp(nn.Module):
         self.fc1 = ConvNorm(dim, hidden)
         self.mid = ConvNorm(hidden, hidden, 3, groups=hidden)
         self.fc2 = ConvNorm(hidden, dim)
-        self.act = GELU()
+        self.act = GELU(inplace=True)
 
     def forward(self, x):
         return self.fc2(self.act(self.mid(self.act(self.fc1(x)))))
@@ -272,8 +279,8 @@ class EfficientFormerV2(MobileBackbone):
         down_attn = dict(bias_mode=bias_mode, ref_grid=ref_grid(16))
 
         self.stem = nn.Sequential(OrderedDict(
-            conv1=ConvNorm(in_channels, widths[0] // 2, 3, stride=2), act1=GELU(),
-            conv2=ConvNorm(widths[0] // 2, widths[0], 3, stride=2), act2=GELU()))
+            conv1=ConvNorm(in_channels, widths[0] // 2, 3, stride=2), act1=GELU(inplace=True),
+            conv2=ConvNorm(widths[0] // 2, widths[0], 3, stride=2), act2=GELU(inplace=True)))
         rates = stochastic_depth_rates(drop_path_rate, depths)
         stages, last = [], len(depths) - 1
         for i, depth in enumerate(depths):

@@ -13,6 +13,7 @@ Parameter names follow timm's layout (``patch_embed.conv1``, ``stages.i.downsamp
 :mod:`mmeformer.checkpoint`.
 """
 from collections import OrderedDict
+from functools import partial
 from typing import Optional, Sequence, Union
 
 import torch
@@ -42,7 +43,7 @@ class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.pw1 = ConvNorm(dim, hidden, bias=False)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)
         self.pw2 = ConvNorm(hidden, dim, bias=False, bn_weight_init=0.)
 
     def forward(self, x):
@@ -68,7 +69,8 @@ class CascadedGroupAttention(RelativeBiasAttention):
             ConvNorm(key_dim, key_dim, kernels[i], groups=key_dim, bias=False)
             for i in range(num_heads))
         self.proj = nn.Sequential(
-            nn.ReLU(), ConvNorm(self.val_dim * num_heads, dim, bias=False, bn_weight_init=0.))
+            nn.ReLU(inplace=True),
+            ConvNorm(self.val_dim * num_heads, dim, bias=False, bn_weight_init=0.))
         self._init_bias_table(num_heads, window_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +145,7 @@ class SqueezeExcite(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x):
@@ -156,7 +158,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         hidden = dim * 4
         self.conv1 = ConvNorm(dim, hidden, bias=False)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)
         self.conv2 = ConvNorm(hidden, hidden, 3, stride=2, groups=hidden, bias=False)
         self.se = SqueezeExcite(hidden, hidden // 4)
         self.conv3 = ConvNorm(hidden, out_dim, bias=False)
@@ -229,10 +231,11 @@ class EfficientViT(MobileBackbone):
         widths, depths = self.arch['widths'], self.arch['depths']
         self.window_size = window_size
         w0 = widths[0]
+        relu = partial(nn.ReLU, inplace=True)
         self.patch_embed = nn.Sequential(OrderedDict(
-            conv1=ConvNorm(in_channels, w0 // 8, 3, stride=2, bias=False), act1=nn.ReLU(),
-            conv2=ConvNorm(w0 // 8, w0 // 4, 3, stride=2, bias=False), act2=nn.ReLU(),
-            conv3=ConvNorm(w0 // 4, w0 // 2, 3, stride=2, bias=False), act3=nn.ReLU(),
+            conv1=ConvNorm(in_channels, w0 // 8, 3, stride=2, bias=False), act1=relu(),
+            conv2=ConvNorm(w0 // 8, w0 // 4, 3, stride=2, bias=False), act2=relu(),
+            conv3=ConvNorm(w0 // 4, w0 // 2, 3, stride=2, bias=False), act3=relu(),
             conv4=ConvNorm(w0 // 2, w0, 3, stride=2, bias=False)))
         rates = stochastic_depth_rates(drop_path_rate, depths)
         stages = []
