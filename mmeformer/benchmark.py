@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .allocator import allocator_description, keep_freed_memory
 from .complexity import count_macs, count_params
 from .deploy import fuse
 from .export import arch_names, build_model, export_onnx
@@ -78,7 +79,7 @@ def environment(device: str, threads: int) -> Dict:
         except ImportError:
             versions[name] = None
     env = dict(cpu=cpu, cores=os.cpu_count(), threads=threads, device=device,
-               python=platform.python_version(), **versions)
+               python=platform.python_version(), allocator=allocator_description(), **versions)
     if device == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(0)
     return env
@@ -171,8 +172,15 @@ def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
 def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAULT_SIZES,
         runtimes: Sequence[str] = ('eager', 'fused', 'onnxruntime'), batch_sizes=(1, ),
         threads: int = 2, device: str = 'cpu', dtype: str = 'float32', warmup: int = 2,
-        repeats: int = 10, compare: bool = False, progress: Callable = print) -> Report:
+        repeats: int = 10, compare: bool = False, keep_memory: bool = True,
+        progress: Callable = print) -> Report:
+    """Time every (variant, size, implementation, runtime, batch). ``keep_memory`` applies
+    :func:`mmeformer.allocator.keep_freed_memory` to this process first (all implementations
+    alike): with glibc's defaults, page faults on fresh multi-MB tensors add up to 2x run-to-run
+    spread on CPU, and penalise whichever implementation allocates more."""
     variants = list(variants or arch_names())
+    if keep_memory and device == 'cpu':
+        keep_freed_memory()
     torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
     peak = matmul_gflops(device, torch_dtype)
@@ -255,7 +263,8 @@ def to_markdown(report: Report) -> str:
     env = report.environment
     lines = [f"Machine: {env['cpu']}, {env['threads']} threads, device {env['device']}, torch "
              f"{env['torch']}, onnxruntime {env['onnxruntime']}; fp32 matmul (2048^3) measured "
-             f'in the same run: {report.matmul_gflops:.0f} GFLOP/s.', '',
+             f'in the same run: {report.matmul_gflops:.0f} GFLOP/s; '
+             f"{env.get('allocator', 'allocator not recorded')}.", '',
              '| variant | implementation | runtime | size | batch | median ms | p90 ms | params M '
              '| GMACs | GFLOP/s | of matmul peak |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for m in report.measurements:

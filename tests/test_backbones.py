@@ -238,3 +238,22 @@ def test_inference_equals_eval_with_autograd(cls):
     torch.testing.assert_close(x.detach(), x_before, rtol=0, atol=0)
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize('cls', [EfficientFormer, EfficientFormerV2, EfficientViT])
+def test_torch_compile_captures_one_graph(cls):
+    """Dynamo traces inference and training forwards without graph breaks: the eval caches
+    (keyed on tensor storage) and query chunks step aside while compiling."""
+    torch.manual_seed(0)
+    model = cls()
+    x = torch.randn(1, 3, 96, 128)
+    try:
+        for train in (False, True):
+            model.train(train)
+            with torch.set_grad_enabled(train):
+                explanation = torch._dynamo.explain(model)(x)
+            assert explanation.graph_break_count == 0, [
+                str(b.reason) for b in explanation.break_reasons]
+            assert explanation.graph_count == 1
+    finally:
+        torch._dynamo.reset()

@@ -50,6 +50,10 @@ def main(argv=None):
                         help='instead of latency: peak memory of one training step (forward + '
                         'backward) per variant, each in a fresh process (default batch 2, '
                         '800x1344; with --compare also the official re-implementation)')
+    parser.add_argument('--malloc', choices=['kept', 'default'], default='kept',
+                        help="latency runs: 'kept' (default) keeps freed memory in glibc's heap "
+                        "for this process, for every implementation alike (see "
+                        "mmeformer/allocator.py); 'default' leaves glibc's settings")
     parser.add_argument('--out', default='outputs/benchmark')
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -68,7 +72,7 @@ def main(argv=None):
         settings['runtimes'] = [r for r in settings['runtimes'] if r != 'onnxruntime']
     report = benchmark.run(batch_sizes=args.batch_sizes, threads=args.threads,
                            device=args.device, dtype=args.dtype, compare=args.compare,
-                           progress=lambda line: print(line, flush=True), **settings)
+                           keep_memory=args.malloc == 'kept', progress=lambda line: print(line, flush=True), **settings)
     paths = benchmark.write(report, args.out)
     print(benchmark.to_markdown(report))
     for kind, path in paths.items():

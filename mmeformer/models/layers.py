@@ -5,6 +5,7 @@ ICCV 2023, arXiv:2212.08059) and EfficientViT with cascaded group attention (Liu
 arXiv:2305.07027). All three use a LeViT-style learned attention bias indexed by the absolute
 offset (|dy|, |dx|) between a query and a key; :class:`RelativeBiasAttention` owns that table.
 """
+import contextlib
 import math
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -167,18 +168,87 @@ def _tensor_state(t: Optional[torch.Tensor]) -> tuple:
     return (t.data_ptr(), 0 if t.is_inference() else t._version)
 
 
+def _apply_act(x: torch.Tensor, act: Optional[nn.Module]) -> torch.Tensor:
+    return x if act is None else act(x)
+
+
+def _onednn_post_op(act: Optional[nn.Module]) -> Optional[tuple]:
+    """oneDNN post-op arguments (attr, scalars, algorithm) equal to ``act``; None if none is."""
+    if act is None:
+        return ('none', [], '')
+    if type(act) is GELU:
+        return ('gelu', [], act.approximate)
+    if type(act) is nn.ReLU:
+        return ('relu', [], '')
+    return None
+
+
+# Below this many rows, oneDNN's per-call weight reorder costs more than the bias / activation
+# passes it saves (measured on EfficientViT's 8x8 and 16x16 maps).
+_ONEDNN_MIN_LINEAR_ROWS = 4096
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_HAS_ONEDNN_POINTWISE = (torch.backends.mkldnn.is_available()
+                         and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+                         and hasattr(torch.ops.mkldnn, '_convolution_pointwise'))
+
+
+_onednn_fusion = {'enabled': True}
+
+
+@contextlib.contextmanager
+def onednn_fusion(enabled: bool):
+    """Switch the fused oneDNN kernels of :func:`linear` / :func:`conv2d` on or off inside the
+    block (e.g. for torch's FLOP counter, which counts aten ops only)."""
+    previous = _onednn_fusion['enabled']
+    _onednn_fusion['enabled'] = enabled
+    try:
+        yield
+    finally:
+        _onednn_fusion['enabled'] = previous
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN's fused (conv / linear + bias + activation) CPU kernels: inference only (they have
+    no autograd formula), eager only, and not under autocast (they do not cast)."""
+    return (_HAS_ONEDNN_POINTWISE and _onednn_fusion['enabled'] and x.device.type == 'cpu'
+            and x.dtype == weight.dtype
+            and x.dtype in _ONEDNN_DTYPES and not torch.is_grad_enabled() and not is_tracing()
+            and not is_compiling() and not torch.is_autocast_enabled('cpu'))
+
+
+def linear(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+           bias: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None) -> torch.Tensor:
+    """``act(F.linear(x, weight, bias))`` (``layer``'s parameters unless given). In CPU
+    inference one oneDNN call adds the bias and applies ``act`` inside the GEMM: torch's addmm
+    first copies the bias over the whole output, and the activation is one more pass."""
+    if weight is None:
+        weight, bias = layer.weight, layer.bias
+    weight = weight.flatten(1)
+    post_op = _onednn_post_op(act)
+    if (post_op is not None and x.numel() >= _ONEDNN_MIN_LINEAR_ROWS * x.shape[-1]
+            and _onednn_applies(x, weight)):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *post_op)
+    return _apply_act(F.linear(x, weight, bias), act)
+
+
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``conv`` applied to ``x`` (with other ``weight`` / ``bias`` when given). A pointwise conv
-    on a channels-last map runs as a GEMM on its NHWC view: up to 2x faster than the conv
-    kernel on the small maps of the later stages."""
+           bias: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None) -> torch.Tensor:
+    """``act(conv(x))`` (with other ``weight`` / ``bias`` when given). A pointwise conv on a
+    channels-last map runs as a GEMM on its NHWC view (up to 2x faster than the conv kernel on
+    the small maps of the later stages); in CPU inference the activation is fused into the
+    kernel (see :func:`linear`)."""
     if weight is None:
         weight, bias = conv.weight, conv.bias
     if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
             and conv.groups == 1 and x.dim() == 4 and not is_tracing()
             and x.is_contiguous(memory_format=torch.channels_last)):
-        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-    return conv._conv_forward(x, weight, bias)
+        return linear(conv, x.permute(0, 2, 3, 1), weight, bias, act).permute(0, 3, 1, 2)
+    post_op = _onednn_post_op(act)
+    if (act is not None and post_op is not None and conv.padding_mode == 'zeros'
+            and not isinstance(conv.padding, str) and _onednn_applies(x, weight)):
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, *post_op)
+    return _apply_act(conv._conv_forward(x, weight, bias), act)
 
 
 class FoldsBatchNorm(nn.Module):
@@ -192,13 +262,17 @@ class FoldsBatchNorm(nn.Module):
     permanently.
     """
 
-    def _conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor,
+                 act: Optional[nn.Module] = None) -> torch.Tensor:
+        """``act(bn(conv(x)))``, ``act`` optional (fused into the conv where possible)."""
         if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
                 or not bn.track_running_stats or is_tracing()):
-            return bn(conv2d(conv, x))
+            return _apply_act(bn(conv2d(conv, x)), act)
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return bn(conv2d(conv, x))
+            return _apply_act(bn(conv2d(conv, x)), act)
+        if is_compiling():
+            return conv2d(conv, x, *folded_conv_bn(conv.weight, conv.bias, bn), act=act)
         cache = self.__dict__.setdefault('_fold_cache', {})
         key = tuple(_tensor_state(t) for t in tensors)
         entry = cache.get(id(conv))
@@ -206,7 +280,7 @@ class FoldsBatchNorm(nn.Module):
             with torch.no_grad():
                 entry = (key, *folded_conv_bn(conv.weight, conv.bias, bn))
             cache[id(conv)] = entry
-        return conv2d(conv, x, entry[1], entry[2])
+        return conv2d(conv, x, entry[1], entry[2], act)
 
     def train(self, mode: bool = True):
         self.__dict__['_fold_cache'] = {}
@@ -234,8 +308,25 @@ class ConvNorm(FoldsBatchNorm, nn.Sequential):
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
 
+    def forward(self, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
+        """``act(bn(conv(x)))``; pass the activation that follows so that it can be fused."""
+        return self._conv_bn(self.conv, self.bn, x, act)
+
+
+class ConvActSequential(nn.Sequential):
+    """``nn.Sequential`` of ConvNorms and activations that hands each activation to the ConvNorm
+    before it, so that inference fuses the pair (same parameter names as the plain one)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_bn(self.conv, self.bn, x)
+        layers = list(self)
+        i = 0
+        while i < len(layers):
+            if (isinstance(layers[i], ConvNorm) and i + 1 < len(layers)
+                    and _onednn_post_op(layers[i + 1]) is not None):
+                x, i = layers[i](x, layers[i + 1]), i + 2
+            else:
+                x, i = layers[i](x), i + 1
+        return x
 
 
 def run_blocks(blocks, x, with_cp: bool, *args):
@@ -293,6 +384,13 @@ def is_tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces: the eval caches, keyed on tensor storage and
+    version, would break the graph, so their contents are computed in the graph instead (with
+    ``torch._inductor.config.freezing`` they become constants)."""
+    return torch.compiler.is_compiling()
+
+
 # Elements (heads x query rows x keys) of one query chunk of an attention map in inference:
 # a few MB, so that the logits, the softmax and what follows stay in cache instead of streaming
 # full (heads, Nq, Nk) maps through memory several times (2-2.5x faster at detection sizes).
@@ -302,9 +400,10 @@ QUERY_CHUNK_ELEMENTS = 1 << 20
 def query_chunks(num_queries: int, heads: int, num_keys: int) -> List[Optional[slice]]:
     """Slices of the query axis for chunked inference; ``[None]`` (all queries at once) while
     autograd records (the full maps are saved for backward anyway), while tracing (shapes must
-    stay symbolic) or when one chunk holds them all."""
+    stay symbolic), under torch.compile (inductor fuses the map's passes itself) or when one
+    chunk holds them all."""
     rows = max(16, QUERY_CHUNK_ELEMENTS // max(1, heads * num_keys))
-    if torch.is_grad_enabled() or is_tracing() or rows >= num_queries:
+    if torch.is_grad_enabled() or is_tracing() or is_compiling() or rows >= num_queries:
         return [None]
     return [slice(start, min(start + rows, num_queries))
             for start in range(0, num_queries, rows)]
@@ -414,7 +513,7 @@ class RelativeBiasAttention(nn.Module):
         if self.record_bias_sizes:
             self.recorded_bias_sizes = (tuple(query_size), tuple(key_size))
         table = self.attention_biases
-        if not self.bias_is_constant() or is_tracing():
+        if not self.bias_is_constant() or is_tracing() or is_compiling():
             return self._compute_bias(tuple(query_size), tuple(key_size))
         key = (tuple(query_size), tuple(key_size), table.device, table.dtype,
                tuple(_tensor_state(t) for t in self._bias_inputs()))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ...registry import MODELS
 from ..layers import (GELU, FoldsBatchNorm, LayerScale, RelativeBiasAttention,
-                      drop_path_or_identity, run_blocks, scaled_lerp, scaled_residual,
+                      drop_path_or_identity, linear, run_blocks, scaled_lerp, scaled_residual,
                       softmax_attention, stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
@@ -57,7 +57,7 @@ class PoolMlp(FoldsBatchNorm):
         self.norm2 = nn.BatchNorm2d(dim)
 
     def forward(self, x):
-        return self._conv_bn(self.fc2, self.norm2, self.act(self._conv_bn(self.fc1, self.norm1, x)))
+        return self._conv_bn(self.fc2, self.norm2, self._conv_bn(self.fc1, self.norm1, x, self.act))
 
 
 class TokenMlp(nn.Module):
@@ -69,7 +69,7 @@ class TokenMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return linear(self.fc2, linear(self.fc1, x, act=self.act))
 
 
 class PoolBlock(nn.Module):
@@ -140,8 +140,8 @@ class Stem(FoldsBatchNorm):
         self.act2 = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        x = self.act1(self._conv_bn(self.conv1, self.norm1, x))
-        return self.act2(self._conv_bn(self.conv2, self.norm2, x))
+        x = self._conv_bn(self.conv1, self.norm1, x, self.act1)
+        return self._conv_bn(self.conv2, self.norm2, x, self.act2)
 
 
 class EfficientFormerStage(nn.Module):

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
-from ..layers import (GELU, ConvNorm, LayerScale, RelativeBiasAttention, Stage,
-                      drop_path_or_identity, query_chunks, query_rows, scaled_residual,
+from ..layers import (GELU, ConvActSequential, ConvNorm, LayerScale, RelativeBiasAttention,
+                      Stage, drop_path_or_identity, query_chunks, query_rows, scaled_residual,
                       softmax_attention, stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
@@ -191,7 +191,7 @@ class ConvMlp(nn.Module):
         self.act = GELU(inplace=True)
 
     def forward(self, x):
-        return self.fc2(self.act(self.mid(self.act(self.fc1(x)))))
+        return self.fc2(self.mid(self.fc1(x, self.act), self.act))
 
 
 class EfficientFormerV2Block(nn.Module):
@@ -278,7 +278,7 @@ class EfficientFormerV2(MobileBackbone):
         }
         down_attn = dict(bias_mode=bias_mode, ref_grid=ref_grid(16))
 
-        self.stem = nn.Sequential(OrderedDict(
+        self.stem = ConvActSequential(OrderedDict(
             conv1=ConvNorm(in_channels, widths[0] // 2, 3, stride=2), act1=GELU(inplace=True),
             conv2=ConvNorm(widths[0] // 2, widths[0], 3, stride=2), act2=GELU(inplace=True)))
         rates = stochastic_depth_rates(drop_path_rate, depths)

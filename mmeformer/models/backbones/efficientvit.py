@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
-from ..layers import (ConvNorm, RelativeBiasAttention, Stage, drop_path_or_identity,
-                      is_tracing, softmax_attention, stochastic_depth_rates)
+from ..layers import (ConvActSequential, ConvNorm, RelativeBiasAttention, Stage,
+                      drop_path_or_identity, is_tracing, softmax_attention,
+                      stochastic_depth_rates)
 from .base import MobileBackbone, resolve_arch
 
 
@@ -47,7 +48,7 @@ class FFN(nn.Module):
         self.pw2 = ConvNorm(hidden, dim, bias=False, bn_weight_init=0.)
 
     def forward(self, x):
-        return self.pw2(self.act(self.pw1(x)))
+        return self.pw2(self.pw1(x, self.act))
 
 
 def dw_conv(dim: int) -> ConvNorm:
@@ -164,7 +165,7 @@ class PatchMerging(nn.Module):
         self.conv3 = ConvNorm(hidden, out_dim, bias=False)
 
     def forward(self, x):
-        return self.conv3(self.se(self.act(self.conv2(self.act(self.conv1(x))))))
+        return self.conv3(self.se(self.conv2(self.conv1(x, self.act), self.act)))
 
 
 class EfficientViTDownsample(nn.Module):
@@ -232,7 +233,7 @@ class EfficientViT(MobileBackbone):
         self.window_size = window_size
         w0 = widths[0]
         relu = partial(nn.ReLU, inplace=True)
-        self.patch_embed = nn.Sequential(OrderedDict(
+        self.patch_embed = ConvActSequential(OrderedDict(
             conv1=ConvNorm(in_channels, w0 // 8, 3, stride=2, bias=False), act1=relu(),
             conv2=ConvNorm(w0 // 8, w0 // 4, 3, stride=2, bias=False), act2=relu(),
             conv3=ConvNorm(w0 // 4, w0 // 2, 3, stride=2, bias=False), act3=relu(),
