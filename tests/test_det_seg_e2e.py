@@ -89,6 +89,33 @@ def test_train_save_resume_test_on_toy_data(case, toy_root, tmp_path, monkeypatc
         assert 0. <= metrics['mIoU'] <= 100., metrics
 
 
+def test_toy_mask_rcnn_learns(toy_root, tmp_path, monkeypatch):
+    """Learning, not just running: 8 short epochs on the 4 toy images, then CocoMetric on those
+    same images. Measured at seed 0-2: bbox / segm mAP@50 0.43-0.63. With the backbone's levels
+    left channels-last (mmcv's RoIAlign reads raw NCHW memory) the same run scores 0.10 / 0.003,
+    a failure the shape-only e2e test above cannot see."""
+    monkeypatch.chdir(toy_root)
+    train_ann = 'annotations/instances_train2017.json'
+    cfg = load_config(str(REPO / 'configs' / 'detection/toy/maskrcnn_eformer_l1.py'),
+                      work_dir=str(tmp_path / 'work'), cfg_options={
+                          'train_cfg.max_epochs': 8, 'train_cfg.val_interval': 9,
+                          'optim_wrapper.optimizer.lr': 4e-4,
+                          'param_scheduler': [dict(type='LinearLR', start_factor=0.01,
+                                                   by_epoch=False, begin=0, end=5)],
+                          'default_hooks.checkpoint.interval': 8,
+                          'randomness': dict(seed=0),
+                          'test_dataloader.dataset.ann_file': train_ann,
+                          'test_dataloader.dataset.data_prefix.img': 'train2017/',
+                          'test_evaluator.ann_file': 'data/toy/coco/' + train_ann})
+    _shrink_detection(cfg)
+    for step in cfg.train_dataloader.dataset.pipeline:
+        if step.type == 'RandomFlip':
+            step.prob = 0.
+    train(cfg)
+    metrics = run_test(cfg, str(tmp_path / 'work' / 'epoch_8.pth'))
+    assert metrics['coco/bbox_mAP_50'] >= 0.25 and metrics['coco/segm_mAP_50'] >= 0.25, metrics
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
