@@ -4,10 +4,12 @@ PyTorch's CPU tensors come from glibc's malloc. glibc maps every block above its
 (128 KiB, raised as mapped blocks are freed, to at most 32 MiB) freshly from the kernel and
 unmaps it on free, so each new multi-MB activation pays a page fault per 4 KiB page on first
 touch. Measured on the 2-core CI machine (torch 2.13): a GELU writing a fresh 8 MB tensor takes
-1.6x, and a fresh 32 MB tensor 4x, as long as one writing into existing memory; whole
-backbones at 800x1344 ran 1.2-1.7x slower, and their run-to-run spread reached 2x, depending on
-how fragmented the heap happened to be. Caching allocators (jemalloc, tcmalloc, CUDA's) avoid
-this by keeping freed memory; :func:`keep_freed_memory` asks glibc to do the same.
+1.6x, and a fresh 32 MB tensor 4x, as long as one writing into existing memory. At 800x1344
+the plain re-implementation of the official dense backbones ran 1.6-1.8x slower than with freed
+memory kept, mmeformer up to 1.15x, and one backbone's time in two processes differed by up to
+2x, depending on how fragmented the heap happened to be. Caching allocators (jemalloc,
+tcmalloc, CUDA's) avoid this by keeping freed memory; :func:`keep_freed_memory` asks glibc to do
+the same.
 """
 import ctypes
 import ctypes.util

@@ -72,7 +72,8 @@ def main(argv=None):
         settings['runtimes'] = [r for r in settings['runtimes'] if r != 'onnxruntime']
     report = benchmark.run(batch_sizes=args.batch_sizes, threads=args.threads,
                            device=args.device, dtype=args.dtype, compare=args.compare,
-                           keep_memory=args.malloc == 'kept', progress=lambda line: print(line, flush=True), **settings)
+                           keep_memory=args.malloc == 'kept',
+                           progress=lambda line: print(line, flush=True), **settings)
     paths = benchmark.write(report, args.out)
     print(benchmark.to_markdown(report))
     for kind, path in paths.items():

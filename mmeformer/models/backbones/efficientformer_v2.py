@@ -40,7 +40,7 @@ def _mix_heads(weight: torch.Tensor, maps: torch.Tensor,
                add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A 1x1 conv's (heads x heads) ``weight`` applied over the head dim of (B, heads, Nq, Nk)
     maps as one matmul (a 1x1 conv with 8 channels on such maps is several times slower), plus
-    ``add`` (heads, Nq, Nk) in the same pass when given."""
+    ``add`` (broadcastable to (heads, Nq, Nk)) in the same pass when given."""
     b, heads = maps.shape[:2]
     # bmm, not matmul: matmul would fold the batch by copying a transpose of the maps.
     weight = weight.view(1, heads, heads).to(maps.dtype).expand(b, heads, heads)
@@ -109,8 +109,8 @@ class Attention4D(RelativeBiasAttention):
             if folded:
                 attn = _mix_heads(w1, logits, add=query_rows(bias, rows))
             else:
-                attn = _mix_heads(w1, logits.mul_(self.scale).add_(query_rows(bias, rows)))
-                attn = attn.add_(self.talking_head1.bias.view(1, -1, 1, 1).to(attn.dtype))
+                attn = _mix_heads(w1, logits.mul_(self.scale).add_(query_rows(bias, rows)),
+                                  add=self.talking_head1.bias.view(-1, 1, 1).to(logits.dtype))
             attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
             outs.append(torch.matmul(_mix_heads(self.talking_head2.weight, attn), v))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
