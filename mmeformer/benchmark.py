@@ -113,15 +113,26 @@ def matmul_gflops(device: str, dtype: torch.dtype, n: int = 2048, repeats: int =
     return 2 * n ** 3 / (median / 1e3) / 1e9
 
 
-def _timm_model(variant: str, size: Tuple[int, int]):
+class TimmFeatures(torch.nn.Module):
+    """A timm model returning its multi-scale features (``forward_intermediates``), as a module
+    so that it moves with ``.to()`` like the others."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_intermediates(x, intermediates_only=True)
+
+
+def _timm_model(variant: str, size: Tuple[int, int]) -> Optional[TimmFeatures]:
     import timm
     kwargs = dict(num_classes=0)
     if variant.startswith('efficientvit_'):
         kwargs['img_size'] = 512  # 7x7 windows everywhere: the downstream semantics
     elif size != (224, 224):
         return None  # timm's EfficientFormer V1/V2 run only at 224 x 224
-    model = timm.create_model(variant, **kwargs).eval()
-    return lambda x: model.forward_intermediates(x, intermediates_only=True)
+    return TimmFeatures(timm.create_model(variant, **kwargs)).eval()
 
 
 def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
@@ -213,6 +224,130 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAU
     return report
 
 
+# -- where the time goes --------------------------------------------------------------------
+def attention_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The attention modules of any of the implementations timed here (mmeformer, timm, the
+    official stand-in): the outermost modules that own a learned attention-bias table (a
+    parameter named ``attention_biases*``)."""
+    found, inside = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if any(p.startswith('attention_biases') for p in module._parameters):
+            found.append(module)
+            inside.add(name + '.')
+    return found
+
+
+def attention_time_ms(model: torch.nn.Module, x: torch.Tensor, warmup: int,
+                      repeats: int) -> Tuple[float, float]:
+    """Median (whole forward, time inside :func:`attention_modules`) in ms, measured with
+    forward hooks in the same calls (CPU; the modules never nest)."""
+    spent, start = [0.], [0.]
+
+    def enter(module, args):
+        start[0] = time.perf_counter()
+
+    def leave(module, args, output):
+        spent[0] += time.perf_counter() - start[0]
+
+    handles = [h for m in attention_modules(model)
+               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        for _ in range(warmup):
+            model(x)
+        runs = []
+        for _ in range(repeats):
+            spent[0] = 0.
+            begin = time.perf_counter()
+            model(x)
+            runs.append(((time.perf_counter() - begin) * 1e3, spent[0] * 1e3))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(runs)[len(runs) // 2]
+
+
+def op_times_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> Dict[str, float]:
+    """Time spent inside each aten op (by name) per forward, measured around every op call.
+
+    torch.profiler is not used: on the 2-core CI machine it inflated some ops 3-4x (a
+    channels-last bilinear upsampling: 2.6 ms under the profiler, 0.7 ms timed directly),
+    which misattributes the time. Timing in a dispatch mode costs Python overhead between the
+    ops but not inside them (CPU ops are synchronous).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    totals: Dict[str, float] = {}
+
+    class OpTimer(TorchDispatchMode):
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            begin = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split('.')[0]
+            totals[name] = totals.get(name, 0.) + time.perf_counter() - begin
+            return out
+
+    with OpTimer():
+        for _ in range(repeats):
+            model(x)
+    return {name: t * 1e3 / repeats
+            for name, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+@dataclass
+class Profile:
+    variant: str
+    implementation: str
+    height: int
+    width: int
+    total_ms: float
+    attention_ms: float
+    attention_modules: int
+    ops_ms: Dict[str, float]
+
+
+def profile(variants: Sequence[str], sizes: Sequence[Tuple[int, int]], compare: bool = False,
+            threads: int = 2, warmup: int = 2, repeats: int = 5, keep_memory: bool = True,
+            progress: Callable = print) -> List[Profile]:
+    """Where the time of a CPU eval forward goes (batch 1, fp32), for mmeformer's eager model
+    and, with ``compare``, the references of :func:`candidates`: the share spent inside the
+    attention modules and the time inside each aten op."""
+    if keep_memory:
+        keep_freed_memory()
+    torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for variant in variants:
+            for size in sizes:
+                base = build_model(variant)
+                for impl, _, model, _ in candidates(variant, base, size, ['eager'], compare,
+                                                    workdir):
+                    x = torch.randn(1, 3, *size)
+                    with torch.inference_mode():
+                        total, attention = attention_time_ms(model, x, warmup, repeats)
+                        ops = op_times_ms(model, x, repeats)
+                    rows.append(Profile(variant, impl, size[0], size[1], round(total, 2),
+                                        round(attention, 2), len(attention_modules(model)),
+                                        {k: round(v, 3) for k, v in ops.items()}))
+                    progress(f'{variant} {size[0]}x{size[1]} {impl}: {total:.1f} ms, '
+                             f'{attention:.1f} ms in attention modules')
+    return rows
+
+
+def profile_markdown(rows: Sequence[Profile], top: int = 5) -> str:
+    lines = ['| variant | size | implementation | forward ms | in attention modules ms '
+             '| rest ms | attention modules | inside aten ops ms | top ops (ms per forward) |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        ops = ', '.join(f'{name} {ms:.1f}' for name, ms in list(r.ops_ms.items())[:top])
+        lines.append(f'| {r.variant} | {r.height}x{r.width} | {r.implementation} | '
+                     f'{r.total_ms:.1f} | {r.attention_ms:.1f} | '
+                     f'{r.total_ms - r.attention_ms:.1f} | {r.attention_modules} | '
+                     f'{sum(r.ops_ms.values()):.1f} | {ops} |')
+    return '\n'.join(lines) + '\n'
+
+
 # -- training memory ---------------------------------------------------------------------------
 def _resident_bytes() -> int:
     with open('/proc/self/statm') as f:
@@ -266,7 +401,8 @@ def to_markdown(report: Report) -> str:
              f'in the same run: {report.matmul_gflops:.0f} GFLOP/s; '
              f"{env.get('allocator', 'allocator not recorded')}.", '',
              '| variant | implementation | runtime | size | batch | median ms | p90 ms | params M '
-             '| GMACs | GFLOP/s | of matmul peak |', '|---|---|---|---|---|---|---|---|---|---|---|']
+             '| GMACs | GFLOP/s | of matmul peak |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
     for m in report.measurements:
         lines.append(f'| {m.variant} | {m.implementation} | {m.runtime} | {m.height}x{m.width} '
                      f'| {m.batch} | {m.median_ms:.1f} | {m.p90_ms:.1f} | {m.params_m:.2f} | '

@@ -98,3 +98,23 @@ def test_benchmark_quick_writes_its_report(tmp_path):
     assert '| efficientvit_m4 | mmeformer | onnxruntime | 96x128 |' in \
         (tmp_path / 'latency.md').read_text()
     assert (tmp_path / 'latency.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_benchmark_profile_splits_attention_from_the_rest(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--profile',
+                           '--compare', '--variants', 'efficientformerv2_s0', '--sizes', '128x128',
+                           '--warmup', '1', '--repeats', '2', '--out', str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r['implementation']: r for r in json.loads((tmp_path / 'profile.json').read_text())}
+    assert set(rows) == {'mmeformer', 'mmeformer official-bias', 'official (re-implemented)'}
+    for row in rows.values():
+        # Two attention blocks in each of stages 3 and 4, plus the attention downsample.
+        assert row['attention_modules'] == 5
+        assert 0 < row['attention_ms'] < row['total_ms']
+        assert row['ops_ms'] and all(ms >= 0 for ms in row['ops_ms'].values())
+    # The stand-in resizes its bias matrices on every forward; mmeformer's eval caches them.
+    assert rows['official (re-implemented)']['ops_ms']['upsample_bicubic2d'] > 0
+    assert 'upsample_bicubic2d' not in rows['mmeformer']['ops_ms']
+    assert 'upsample_bicubic2d' not in rows['mmeformer official-bias']['ops_ms']
+    assert '| efficientformerv2_s0 | 128x128 | mmeformer |' in (tmp_path / 'profile.md').read_text()

@@ -5,12 +5,17 @@ JSON (with the environment) and a PNG plot.
     python tools/benchmark.py --quick                       # about a minute
     python tools/benchmark.py --out outputs/benchmark        # all 13 at 224, 512, 800x1344
     python tools/benchmark.py --compare --sizes 800x1344 512x512 224x224   # vs timm / official
+    python tools/benchmark.py --profile --compare --variants efficientformerv2_s0 --sizes 512x512
 
 --compare adds, in the same run: timm (all 13 at 224; EfficientViT with img_size=512 at every
 size); for EfficientFormer V1/V2 at detection / segmentation sizes, mmeformer with
 bias_mode='official' and mmeformer.official_reference, a plain re-implementation of the official
 dense backbones (bias matrix gathered and resized bicubically on every forward) that stands in
 for the official code. The report ends with the speed ratios of the run.
+
+--profile (CPU, eager, batch 1) instead shows where the time goes: the part spent inside the
+attention modules (those owning an attention-bias table) against the rest of the network, and
+the time inside each aten op, for mmeformer and, with --compare, the references.
 """
 import argparse
 import sys
@@ -50,6 +55,9 @@ def main(argv=None):
                         help='instead of latency: peak memory of one training step (forward + '
                         'backward) per variant, each in a fresh process (default batch 2, '
                         '800x1344; with --compare also the official re-implementation)')
+    parser.add_argument('--profile', action='store_true',
+                        help='instead of latency: time in the attention modules against the '
+                        'rest, and per aten op (CPU eager; see below)')
     parser.add_argument('--malloc', choices=['kept', 'default'], default='kept',
                         help="latency runs: 'kept' (default) keeps freed memory in glibc's heap "
                         "for this process, for every implementation alike (see "
@@ -62,6 +70,8 @@ def main(argv=None):
         parser.error('float16 on CPU is not a meaningful benchmark; use bfloat16 or --device cuda')
     if args.train_memory:
         return train_memory(args)
+    if args.profile:
+        return profile(args)
     settings = dict(QUICK) if args.quick else dict(
         variants=arch_names(), sizes=list(benchmark.DEFAULT_SIZES),
         runtimes=['eager', 'fused', 'compile', 'onnxruntime'], warmup=2, repeats=10)
@@ -77,6 +87,30 @@ def main(argv=None):
     paths = benchmark.write(report, args.out)
     print(benchmark.to_markdown(report))
     for kind, path in paths.items():
+        print(f'wrote {kind}: {path}')
+    return 0
+
+
+def profile(args) -> int:
+    import json
+    import os
+    from dataclasses import asdict
+    if args.device != 'cpu' or args.dtype != 'float32':
+        print('--profile times CPU fp32 eager forwards only', file=sys.stderr)
+        return 2
+    rows = benchmark.profile(args.variants or QUICK['variants'], args.sizes or [(512, 512)],
+                             compare=args.compare, threads=args.threads,
+                             warmup=args.warmup or 2, repeats=args.repeats or 5,
+                             keep_memory=args.malloc == 'kept',
+                             progress=lambda line: print(line, flush=True))
+    text = (f'{args.threads} threads, batch 1, fp32, eval; medians of {args.repeats or 5} '
+            'forwards.\n\n' + benchmark.profile_markdown(rows))
+    os.makedirs(args.out, exist_ok=True)
+    print(text)
+    for kind, content in (('md', text), ('json', json.dumps([asdict(r) for r in rows], indent=1))):
+        path = os.path.join(args.out, f'profile.{kind}')
+        with open(path, 'w') as f:
+            f.write(content)
         print(f'wrote {kind}: {path}')
     return 0
 
