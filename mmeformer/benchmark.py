@@ -7,6 +7,7 @@ alongside (``compare=True``).
 """
 import copy
 import csv
+import functools
 import json
 import os
 import platform
@@ -90,19 +91,33 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
+def _median_p90(times: List[float]) -> Tuple[float, float]:
+    times = sorted(times)
+    return statistics.median(times), times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+
+
 def time_ms(fn: Callable, warmup: int, repeats: int, device: str) -> Tuple[float, float]:
     """Median and 90th percentile of ``repeats`` timed calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
+    return time_interleaved({None: fn}, warmup, repeats, device)[None]
+
+
+def time_interleaved(fns: Dict, warmup: int, repeats: int,
+                     device: str) -> Dict[object, Tuple[float, float]]:
+    """Median and 90th percentile in ms of each of ``fns`` (key -> callable), timed in rounds
+    of one call each: on a shared machine whose speed drifts (runs here varied 1.5x within
+    minutes) every candidate sees the same conditions, which keeps the ratios honest."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times = {key: [] for key in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return {key: _median_p90(t) for key, t in times.items()}
 
 
 @torch.inference_mode()
@@ -201,26 +216,30 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAU
         for index, (variant, size) in enumerate(plan, 1):
             base = build_model(variant)
             params, macs = count_params(base), count_macs(base, size)
+            timed = {}
             for impl, runtime, fn, note in candidates(variant, base, size, runtimes, compare,
                                                       workdir):
                 if isinstance(fn, torch.nn.Module):
                     fn = fn.to(device=device, dtype=torch_dtype)
                 for batch in batch_sizes:
                     x = torch.randn(batch, 3, *size, device=device, dtype=torch_dtype)
-                    try:
+                    try:  # one call first: a candidate that fails is reported, not timed
                         with torch.inference_mode():
-                            median, p90 = time_ms(lambda: fn(x), warmup, repeats, device)
+                            fn(x)
                     except Exception as err:  # noqa: BLE001 - report and keep going
                         progress(f'  skipped {impl}/{runtime}: {type(err).__name__}: {err}')
                         continue
-                    achieved = 2 * macs * batch / (median / 1e3) / 1e9
-                    report.measurements.append(Measurement(
-                        variant, impl, runtime, size[0], size[1], batch, threads, dtype,
-                        round(median, 2), round(p90, 2), round(params / 1e6, 3),
-                        round(macs / 1e9, 4), round(achieved, 1), round(achieved / peak, 4),
-                        note))
-                    progress(f'[{index}/{len(plan)}] {variant} {size[0]}x{size[1]} b{batch} '
-                             f'{impl}/{runtime}: {median:.1f} ms (p90 {p90:.1f})')
+                    timed[(impl, runtime, batch, note)] = functools.partial(fn, x)
+            with torch.inference_mode():
+                results = time_interleaved(timed, warmup, repeats, device)
+            for (impl, runtime, batch, note), (median, p90) in results.items():
+                achieved = 2 * macs * batch / (median / 1e3) / 1e9
+                report.measurements.append(Measurement(
+                    variant, impl, runtime, size[0], size[1], batch, threads, dtype,
+                    round(median, 2), round(p90, 2), round(params / 1e6, 3),
+                    round(macs / 1e9, 4), round(achieved, 1), round(achieved / peak, 4), note))
+                progress(f'[{index}/{len(plan)}] {variant} {size[0]}x{size[1]} b{batch} '
+                         f'{impl}/{runtime}: {median:.1f} ms (p90 {p90:.1f})')
     return report
 
 
@@ -239,42 +258,37 @@ def attention_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
     return found
 
 
-def attention_time_ms(model: torch.nn.Module, x: torch.Tensor, warmup: int,
-                      repeats: int) -> Tuple[float, float]:
-    """Median (whole forward, time inside :func:`attention_modules`) in ms, measured with
-    forward hooks in the same calls (CPU; the modules never nest)."""
-    spent, start = [0.], [0.]
+class AttentionClock:
+    """Wall time spent inside a model's :func:`attention_modules`, from forward hooks (CPU;
+    the modules never nest). ``spent_ms`` counts since the last :meth:`reset`."""
 
-    def enter(module, args):
-        start[0] = time.perf_counter()
+    def __init__(self, model: torch.nn.Module):
+        self.modules = attention_modules(model)
+        self.spent_ms, self._start = 0., 0.
+        self._handles = [h for m in self.modules for h in (
+            m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._leave))]
 
-    def leave(module, args, output):
-        spent[0] += time.perf_counter() - start[0]
+    def _enter(self, module, args):
+        self._start = time.perf_counter()
 
-    handles = [h for m in attention_modules(model)
-               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
-        for _ in range(warmup):
-            model(x)
-        runs = []
-        for _ in range(repeats):
-            spent[0] = 0.
-            begin = time.perf_counter()
-            model(x)
-            runs.append(((time.perf_counter() - begin) * 1e3, spent[0] * 1e3))
-    finally:
-        for handle in handles:
+    def _leave(self, module, args, output):
+        self.spent_ms += (time.perf_counter() - self._start) * 1e3
+
+    def reset(self):
+        self.spent_ms = 0.
+
+    def remove(self):
+        for handle in self._handles:
             handle.remove()
-    return sorted(runs)[len(runs) // 2]
 
 
-def op_times_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> Dict[str, float]:
-    """Time spent inside each aten op (by name) per forward, measured around every op call.
+def op_times_ms(fn: Callable, repeats: int = 1) -> Dict[str, float]:
+    """Time spent inside each aten op (by name) per call of ``fn``, measured around every op.
 
     torch.profiler is not used: on the 2-core CI machine it inflated some ops 3-4x (a
     channels-last bilinear upsampling: 2.6 ms under the profiler, 0.7 ms timed directly),
-    which misattributes the time. Timing in a dispatch mode costs Python overhead between the
-    ops but not inside them (CPU ops are synchronous).
+    which misattributes the time. Timing in a dispatch mode adds Python overhead between the
+    ops, not inside them (CPU ops are synchronous).
     """
     from torch.utils._python_dispatch import TorchDispatchMode
     totals: Dict[str, float] = {}
@@ -290,9 +304,8 @@ def op_times_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> Dict[s
 
     with OpTimer():
         for _ in range(repeats):
-            model(x)
-    return {name: t * 1e3 / repeats
-            for name, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+            fn()
+    return {name: t * 1e3 / repeats for name, t in totals.items()}
 
 
 @dataclass
@@ -311,25 +324,42 @@ def profile(variants: Sequence[str], sizes: Sequence[Tuple[int, int]], compare: 
             threads: int = 2, warmup: int = 2, repeats: int = 5, keep_memory: bool = True,
             progress: Callable = print) -> List[Profile]:
     """Where the time of a CPU eval forward goes (batch 1, fp32), for mmeformer's eager model
-    and, with ``compare``, the references of :func:`candidates`: the share spent inside the
-    attention modules and the time inside each aten op."""
+    and, with ``compare``, the references of :func:`candidates`: the time inside the attention
+    modules (median forward of ``repeats``, with its attention time) and inside each aten op
+    (mean of ``repeats`` instrumented forwards). All implementations of a setting run in
+    interleaved rounds, as in :func:`time_interleaved`."""
     if keep_memory:
         keep_freed_memory()
     torch.set_num_threads(threads)
     rows = []
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         for variant in variants:
             for size in sizes:
-                base = build_model(variant)
-                for impl, _, model, _ in candidates(variant, base, size, ['eager'], compare,
-                                                    workdir):
-                    x = torch.randn(1, 3, *size)
-                    with torch.inference_mode():
-                        total, attention = attention_time_ms(model, x, warmup, repeats)
-                        ops = op_times_ms(model, x, repeats)
-                    rows.append(Profile(variant, impl, size[0], size[1], round(total, 2),
-                                        round(attention, 2), len(attention_modules(model)),
-                                        {k: round(v, 3) for k, v in ops.items()}))
+                models = {impl: model for impl, _, model, _ in candidates(
+                    variant, build_model(variant), size, ['eager'], compare, workdir)}
+                x = torch.randn(1, 3, *size)
+                clocks = {impl: AttentionClock(model) for impl, model in models.items()}
+                runs = {impl: [] for impl in models}
+                ops = {impl: {} for impl in models}
+                for impl, model in models.items():
+                    for _ in range(warmup):
+                        model(x)
+                for _ in range(repeats):
+                    for impl, model in models.items():
+                        clocks[impl].reset()
+                        begin = time.perf_counter()
+                        model(x)
+                        runs[impl].append(((time.perf_counter() - begin) * 1e3,
+                                           clocks[impl].spent_ms))
+                        for name, ms in op_times_ms(functools.partial(model, x)).items():
+                            ops[impl][name] = ops[impl].get(name, 0.) + ms / repeats
+                for impl, clock in clocks.items():
+                    clock.remove()
+                    total, attention = sorted(runs[impl])[len(runs[impl]) // 2]
+                    rows.append(Profile(
+                        variant, impl, size[0], size[1], round(total, 2), round(attention, 2),
+                        len(clock.modules), {k: round(v, 3) for k, v in sorted(
+                            ops[impl].items(), key=lambda kv: -kv[1])}))
                     progress(f'{variant} {size[0]}x{size[1]} {impl}: {total:.1f} ms, '
                              f'{attention:.1f} ms in attention modules')
     return rows

@@ -118,3 +118,15 @@ def test_benchmark_profile_splits_attention_from_the_rest(tmp_path):
     assert 'upsample_bicubic2d' not in rows['mmeformer']['ops_ms']
     assert 'upsample_bicubic2d' not in rows['mmeformer official-bias']['ops_ms']
     assert '| efficientformerv2_s0 | 128x128 | mmeformer |' in (tmp_path / 'profile.md').read_text()
+
+
+def test_benchmark_times_candidates_in_interleaved_rounds():
+    from mmeformer.benchmark import time_interleaved
+    calls = []
+    results = time_interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
+                               warmup=2, repeats=3, device='cpu')
+    # Warm-up per candidate, then one call of each per round, so that a machine whose speed
+    # drifts slows every candidate alike.
+    assert calls == ['a', 'a', 'b', 'b'] + ['a', 'b'] * 3
+    assert set(results) == {'a', 'b'}
+    assert all(0 <= median <= p90 for median, p90 in results.values())
