@@ -171,6 +171,9 @@ def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
             export_onnx(fused, path, size, dynamic=False)
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
+            # ONNX Runtime's idle threads spin by default; timed in rounds with the other
+            # candidates, they took the cores from the next one (eager measured 2x slower).
+            options.add_session_config_entry('session.intra_op.allow_spinning', '0')
             session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
             items.append(('mmeformer', 'onnxruntime',
                           lambda x, s=session: s.run(None, {'image': x.cpu().numpy()}),
