@@ -3,7 +3,9 @@ arXiv:2206.01191, arXiv:2212.08059, arXiv:2305.07027): variants x input sizes x 
 sizes, with MACs, achieved GFLOP/s and the fraction of this machine's fp32 matmul throughput
 measured in the same run. Reference implementations (timm, and
 :mod:`mmeformer.official_reference` standing in for the official dense code) can be timed
-alongside (``compare=True``).
+alongside (``compare=True``); all candidates of one setting run in interleaved rounds.
+:func:`profile` shows where a CPU forward's time goes: inside the attention modules against the
+rest of the network, and per aten op.
 """
 import copy
 import csv
