@@ -103,11 +103,12 @@ def time_ms(fn: Callable, warmup: int, repeats: int, device: str) -> Tuple[float
     return time_interleaved({None: fn}, warmup, repeats, device)[None]
 
 
-def time_interleaved(fns: Dict, warmup: int, repeats: int,
-                     device: str) -> Dict[object, Tuple[float, float]]:
-    """Median and 90th percentile in ms of each of ``fns`` (key -> callable), timed in rounds
-    of one call each: on a shared machine whose speed drifts (runs here varied 1.5x within
-    minutes) every candidate sees the same conditions, which keeps the ratios honest."""
+def sample_interleaved(fns: Dict, warmup: int, repeats: int,
+                       device: str) -> Dict[object, List[float]]:
+    """Wall times in ms of ``repeats`` calls of each of ``fns`` (key -> callable), after
+    ``warmup`` calls each, timed in rounds of one call each: on a shared machine whose speed
+    drifts (runs here varied 1.5x within minutes) every candidate sees the same conditions,
+    which keeps the ratios honest."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -119,7 +120,15 @@ def time_interleaved(fns: Dict, warmup: int, repeats: int,
             fn()
             _sync(device)
             times[key].append((time.perf_counter() - start) * 1e3)
-    return {key: _median_p90(t) for key, t in times.items()}
+    return times
+
+
+def time_interleaved(fns: Dict, warmup: int, repeats: int,
+                     device: str) -> Dict[object, Tuple[float, float]]:
+    """Median and 90th percentile in ms of each of ``fns``, timed as in
+    :func:`sample_interleaved`."""
+    return {key: _median_p90(t)
+            for key, t in sample_interleaved(fns, warmup, repeats, device).items()}
 
 
 @torch.inference_mode()
@@ -257,7 +266,7 @@ def attention_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside):
             continue
-        if any(p.startswith('attention_biases') for p in module._parameters):
+        if any(n.startswith('attention_biases') for n, _ in module.named_parameters(recurse=False)):
             found.append(module)
             inside.add(name + '.')
     return found
@@ -287,8 +296,8 @@ class AttentionClock:
             handle.remove()
 
 
-def op_times_ms(fn: Callable, repeats: int = 1) -> Dict[str, float]:
-    """Time spent inside each aten op (by name) per call of ``fn``, measured around every op.
+def op_times_ms(fn: Callable) -> Dict[str, float]:
+    """Time spent inside each aten op (by name) in one call of ``fn``, measured around every op.
 
     torch.profiler is not used: on the 2-core CI machine it inflated some ops 3-4x (a
     channels-last bilinear upsampling: 2.6 ms under the profiler, 0.7 ms timed directly),
@@ -308,9 +317,8 @@ def op_times_ms(fn: Callable, repeats: int = 1) -> Dict[str, float]:
             return out
 
     with OpTimer():
-        for _ in range(repeats):
-            fn()
-    return {name: t * 1e3 / repeats for name, t in totals.items()}
+        fn()
+    return {name: t * 1e3 for name, t in totals.items()}
 
 
 @dataclass
@@ -332,7 +340,7 @@ def profile(variants: Sequence[str], sizes: Sequence[Tuple[int, int]], compare: 
     and, with ``compare``, the references of :func:`candidates`: the time inside the attention
     modules (median forward of ``repeats``, with its attention time) and inside each aten op
     (mean of ``repeats`` instrumented forwards). All implementations of a setting run in
-    interleaved rounds, as in :func:`time_interleaved`."""
+    interleaved rounds (:func:`sample_interleaved`)."""
     if keep_memory:
         keep_freed_memory()
     torch.set_num_threads(threads)
@@ -344,29 +352,34 @@ def profile(variants: Sequence[str], sizes: Sequence[Tuple[int, int]], compare: 
                     variant, build_model(variant), size, ['eager'], compare, workdir)}
                 x = torch.randn(1, 3, *size)
                 clocks = {impl: AttentionClock(model) for impl, model in models.items()}
-                runs = {impl: [] for impl in models}
-                ops = {impl: {} for impl in models}
-                for impl, model in models.items():
-                    for _ in range(warmup):
-                        model(x)
-                for _ in range(repeats):
-                    for impl, model in models.items():
-                        clocks[impl].reset()
-                        begin = time.perf_counter()
-                        model(x)
-                        runs[impl].append(((time.perf_counter() - begin) * 1e3,
-                                           clocks[impl].spent_ms))
-                        for name, ms in op_times_ms(functools.partial(model, x)).items():
-                            ops[impl][name] = ops[impl].get(name, 0.) + ms / repeats
+                attention = {impl: [] for impl in models}
+                ops = {impl: [] for impl in models}
+
+                def timed_forward(impl):
+                    clocks[impl].reset()
+                    models[impl](x)
+                    attention[impl].append(clocks[impl].spent_ms)
+
+                totals = sample_interleaved(
+                    {impl: functools.partial(timed_forward, impl) for impl in models},
+                    warmup, repeats, 'cpu')
+                sample_interleaved({impl: lambda impl=impl: ops[impl].append(
+                    op_times_ms(functools.partial(models[impl], x))) for impl in models},
+                    0, repeats, 'cpu')
                 for impl, clock in clocks.items():
                     clock.remove()
-                    total, attention = sorted(runs[impl])[len(runs[impl]) // 2]
+                    # The median forward, with the attention time of that same call.
+                    runs = sorted(zip(totals[impl], attention[impl][warmup:]))
+                    total, in_attention = runs[len(runs) // 2]
+                    mean_ops = {name: sum(run.get(name, 0.) for run in ops[impl]) / repeats
+                                for name in set().union(*ops[impl])}
                     rows.append(Profile(
-                        variant, impl, size[0], size[1], round(total, 2), round(attention, 2),
-                        len(clock.modules), {k: round(v, 3) for k, v in sorted(
-                            ops[impl].items(), key=lambda kv: -kv[1])}))
+                        variant, impl, size[0], size[1], round(total, 2),
+                        round(in_attention, 2), len(clock.modules),
+                        {k: round(v, 3) for k, v in sorted(mean_ops.items(),
+                                                           key=lambda kv: -kv[1])}))
                     progress(f'{variant} {size[0]}x{size[1]} {impl}: {total:.1f} ms, '
-                             f'{attention:.1f} ms in attention modules')
+                             f'{in_attention:.1f} ms in attention modules')
     return rows
 
 
