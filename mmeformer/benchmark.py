@@ -296,8 +296,33 @@ class AttentionClock:
             handle.remove()
 
 
-def op_times_ms(fn: Callable) -> Dict[str, float]:
-    """Time spent inside each aten op (by name) in one call of ``fn``, measured around every op.
+# Ops that multiply matrices (GEMMs, convolutions) by name: each output element is a dot product
+# whose length is read from this argument (index, dim) of the op: FLOPs = 2 x outputs x length.
+_DOT_LENGTH = {
+    'mm': (0, -1), 'matmul': (0, -1), 'bmm': (0, -1), 'linear': (0, -1),
+    '_linear_pointwise': (0, -1), 'addmm': (1, -1), 'baddbmm': (1, -1),
+    'conv2d': (1, None), 'convolution': (1, None), 'mkldnn_convolution': (1, None),
+    '_convolution_pointwise': (1, None),  # .binary overload: weight at 2 (handled below)
+}
+
+
+def _matrix_flops(func, args, out) -> Optional[int]:
+    """FLOPs of one call of a matrix op (see ``_DOT_LENGTH``); None for every other op."""
+    name = func.__name__.split('.')[0]
+    if name not in _DOT_LENGTH or not isinstance(out, torch.Tensor):
+        return None
+    index, dim = _DOT_LENGTH[name]
+    if func._overloadname == 'binary':
+        index += 1
+    operand = args[index]
+    # Convolutions: weight (out, in / groups, kh, kw); one output sums in / groups * kh * kw.
+    length = operand[0].numel() if dim is None else operand.shape[dim]
+    return 2 * out.numel() * length
+
+
+def op_costs(fn: Callable) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Time in ms spent inside each aten op (by name) in one call of ``fn``, measured around
+    every op, and the GFLOP done by the ops that multiply matrices (GEMMs, convolutions).
 
     torch.profiler is not used: on the 2-core CI machine it inflated some ops 3-4x (a
     channels-last bilinear upsampling: 2.6 ms under the profiler, 0.7 ms timed directly),
@@ -305,7 +330,8 @@ def op_times_ms(fn: Callable) -> Dict[str, float]:
     ops, not inside them (CPU ops are synchronous).
     """
     from torch.utils._python_dispatch import TorchDispatchMode
-    totals: Dict[str, float] = {}
+    seconds: Dict[str, float] = {}
+    flops: Dict[str, float] = {}
 
     class OpTimer(TorchDispatchMode):
 
@@ -313,12 +339,16 @@ def op_times_ms(fn: Callable) -> Dict[str, float]:
             begin = time.perf_counter()
             out = func(*args, **(kwargs or {}))
             name = func.__name__.split('.')[0]
-            totals[name] = totals.get(name, 0.) + time.perf_counter() - begin
+            seconds[name] = seconds.get(name, 0.) + time.perf_counter() - begin
+            count = _matrix_flops(func, args, out)
+            if count is not None:
+                flops[name] = flops.get(name, 0.) + count
             return out
 
     with OpTimer():
         fn()
-    return {name: t * 1e3 for name, t in totals.items()}
+    return ({name: t * 1e3 for name, t in seconds.items()},
+            {name: f / 1e9 for name, f in flops.items()})
 
 
 @dataclass
@@ -330,7 +360,18 @@ class Profile:
     total_ms: float
     attention_ms: float
     attention_modules: int
-    ops_ms: Dict[str, float]
+    ops_ms: Dict[str, float]  # mean time inside each aten op per forward, largest first
+    ops_gflop: Dict[str, float]  # work per forward of the ops that multiply matrices
+    matmul_gflops: float  # this machine's fp32 2048^3 matmul throughput, measured in the run
+
+    @property
+    def matrix_ms(self) -> float:
+        return sum(self.ops_ms.get(name, 0.) for name in self.ops_gflop)
+
+    @property
+    def matrix_gflops(self) -> float:
+        """Achieved throughput of the matrix ops (GEMMs, convolutions) together."""
+        return sum(self.ops_gflop.values()) / max(self.matrix_ms, 1e-9) * 1e3
 
 
 def profile(variants: Sequence[str], sizes: Sequence[Tuple[int, int]], compare: bool = False,
@@ -339,11 +380,13 @@ def profile(variants: Sequence[str], sizes: Sequence[Tuple[int, int]], compare: 
     """Where the time of a CPU eval forward goes (batch 1, fp32), for mmeformer's eager model
     and, with ``compare``, the references of :func:`candidates`: the time inside the attention
     modules (median forward of ``repeats``, with its attention time) and inside each aten op
-    (mean of ``repeats`` instrumented forwards). All implementations of a setting run in
-    interleaved rounds (:func:`sample_interleaved`)."""
+    (mean of ``repeats`` instrumented forwards), with the GFLOP/s of the ops that multiply
+    matrices against the matmul throughput measured at the start. All implementations of a
+    setting run in interleaved rounds (:func:`sample_interleaved`)."""
     if keep_memory:
         keep_freed_memory()
     torch.set_num_threads(threads)
+    peak = matmul_gflops('cpu', torch.float32)
     rows = []
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         for variant in variants:
@@ -364,35 +407,46 @@ def profile(variants: Sequence[str], sizes: Sequence[Tuple[int, int]], compare: 
                     {impl: functools.partial(timed_forward, impl) for impl in models},
                     warmup, repeats, 'cpu')
                 sample_interleaved({impl: lambda impl=impl: ops[impl].append(
-                    op_times_ms(functools.partial(models[impl], x))) for impl in models},
+                    op_costs(functools.partial(models[impl], x))) for impl in models},
                     0, repeats, 'cpu')
                 for impl, clock in clocks.items():
                     clock.remove()
                     # The median forward, with the attention time of that same call.
                     runs = sorted(zip(totals[impl], attention[impl][warmup:]))
                     total, in_attention = runs[len(runs) // 2]
-                    mean_ops = {name: sum(run.get(name, 0.) for run in ops[impl]) / repeats
-                                for name in set().union(*ops[impl])}
+                    times = [run_times for run_times, _ in ops[impl]]
+                    mean_ops = {name: sum(run.get(name, 0.) for run in times) / repeats
+                                for name in set().union(*times)}
                     rows.append(Profile(
                         variant, impl, size[0], size[1], round(total, 2),
                         round(in_attention, 2), len(clock.modules),
                         {k: round(v, 3) for k, v in sorted(mean_ops.items(),
-                                                           key=lambda kv: -kv[1])}))
+                                                           key=lambda kv: -kv[1])},
+                        {k: round(v, 6) for k, v in ops[impl][0][1].items()}, round(peak, 1)))
                     progress(f'{variant} {size[0]}x{size[1]} {impl}: {total:.1f} ms, '
                              f'{in_attention:.1f} ms in attention modules')
     return rows
 
 
 def profile_markdown(rows: Sequence[Profile], top: int = 5) -> str:
+    """One line per profile; matrix ops (GEMMs, convolutions) carry their GFLOP/s, whose
+    fraction of the matmul throughput says how far each is from being compute-bound."""
     lines = ['| variant | size | implementation | forward ms | in attention modules ms '
-             '| rest ms | attention modules | inside aten ops ms | top ops (ms per forward) |',
-             '|---|---|---|---|---|---|---|---|---|']
+             '| rest ms | attention modules | inside aten ops ms '
+             '| of which matrix ops ms (GFLOP/s, % of matmul) | top ops (ms per forward) |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
-        ops = ', '.join(f'{name} {ms:.1f}' for name, ms in list(r.ops_ms.items())[:top])
+        ops = []
+        for name, ms in list(r.ops_ms.items())[:top]:
+            rate = (f' [{r.ops_gflop[name] / ms * 1e3:.0f} GFLOP/s]'
+                    if name in r.ops_gflop and ms > 0 else '')
+            ops.append(f'{name} {ms:.1f}{rate}')
         lines.append(f'| {r.variant} | {r.height}x{r.width} | {r.implementation} | '
                      f'{r.total_ms:.1f} | {r.attention_ms:.1f} | '
                      f'{r.total_ms - r.attention_ms:.1f} | {r.attention_modules} | '
-                     f'{sum(r.ops_ms.values()):.1f} | {ops} |')
+                     f'{sum(r.ops_ms.values()):.1f} | {r.matrix_ms:.1f} '
+                     f'({r.matrix_gflops:.0f}, {100 * r.matrix_gflops / r.matmul_gflops:.0f}%) | '
+                     f'{", ".join(ops)} |')
     return '\n'.join(lines) + '\n'
 
 

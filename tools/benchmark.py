@@ -15,7 +15,9 @@ for the official code. The report ends with the speed ratios of the run.
 
 --profile (CPU, eager, batch 1) instead shows where the time goes: the part spent inside the
 attention modules (those owning an attention-bias table) against the rest of the network, and
-the time inside each aten op, for mmeformer and, with --compare, the references.
+the time inside each aten op, for mmeformer and, with --compare, the references. Ops that
+multiply matrices (GEMMs, convolutions) also get their GFLOP/s, against the fp32 matmul
+throughput measured at the start of the run.
 """
 import argparse
 import sys
@@ -57,7 +59,7 @@ def main(argv=None):
                         '800x1344; with --compare also the official re-implementation)')
     parser.add_argument('--profile', action='store_true',
                         help='instead of latency: time in the attention modules against the '
-                        'rest, and per aten op (CPU eager; see below)')
+                        'rest, and per aten op with the GFLOP/s of matrix ops (CPU eager; see below)')
     parser.add_argument('--malloc', choices=['kept', 'default'], default='kept',
                         help="latency runs: 'kept' (default) keeps freed memory in glibc's heap "
                         "for this process, for every implementation alike (see "
@@ -104,7 +106,8 @@ def profile(args) -> int:
                              keep_memory=args.malloc == 'kept',
                              progress=lambda line: print(line, flush=True))
     text = (f'{args.threads} threads, batch 1, fp32, eval; medians of {args.repeats or 5} '
-            'forwards.\n\n' + benchmark.profile_markdown(rows))
+            f'forwards; fp32 matmul {rows[0].matmul_gflops:.0f} GFLOP/s.\n\n'
+            + benchmark.profile_markdown(rows))
     os.makedirs(args.out, exist_ok=True)
     print(text)
     for kind, content in (('md', text), ('json', json.dumps([asdict(r) for r in rows], indent=1))):
