@@ -59,7 +59,8 @@ def main(argv=None):
                         '800x1344; with --compare also the official re-implementation)')
     parser.add_argument('--profile', action='store_true',
                         help='instead of latency: time in the attention modules against the '
-                        'rest, and per aten op with the GFLOP/s of matrix ops (CPU eager; see below)')
+                        'rest, and per aten op, with the GFLOP/s of the matrix ops (CPU eager; '
+                        'see below)')
     parser.add_argument('--malloc', choices=['kept', 'default'], default='kept',
                         help="latency runs: 'kept' (default) keeps freed memory in glibc's heap "
                         "for this process, for every implementation alike (see "
