@@ -306,9 +306,9 @@ _DOT_LENGTH = {
 }
 
 
-def _matrix_flops(func, args, out) -> Optional[int]:
-    """FLOPs of one call of a matrix op (see ``_DOT_LENGTH``); None for every other op."""
-    name = func.__name__.split('.')[0]
+def _matrix_flops(name: str, func, args, out) -> Optional[int]:
+    """FLOPs of one call of op ``func`` (named ``name``) if it multiplies matrices (see
+    ``_DOT_LENGTH``); None for every other op."""
     if name not in _DOT_LENGTH or not isinstance(out, torch.Tensor):
         return None
     index, dim = _DOT_LENGTH[name]
@@ -340,7 +340,7 @@ def op_costs(fn: Callable) -> Tuple[Dict[str, float], Dict[str, float]]:
             out = func(*args, **(kwargs or {}))
             name = func.__name__.split('.')[0]
             seconds[name] = seconds.get(name, 0.) + time.perf_counter() - begin
-            count = _matrix_flops(func, args, out)
+            count = _matrix_flops(name, func, args, out)
             if count is not None:
                 flops[name] = flops.get(name, 0.) + count
             return out

@@ -101,12 +101,13 @@ def profile(args) -> int:
     if args.device != 'cpu' or args.dtype != 'float32':
         print('--profile times CPU fp32 eager forwards only', file=sys.stderr)
         return 2
+    repeats = args.repeats or 5
     rows = benchmark.profile(args.variants or QUICK['variants'], args.sizes or [(512, 512)],
                              compare=args.compare, threads=args.threads,
-                             warmup=args.warmup or 2, repeats=args.repeats or 5,
+                             warmup=args.warmup or 2, repeats=repeats,
                              keep_memory=args.malloc == 'kept',
                              progress=lambda line: print(line, flush=True))
-    text = (f'{args.threads} threads, batch 1, fp32, eval; medians of {args.repeats or 5} '
+    text = (f'{args.threads} threads, batch 1, fp32, eval; medians of {repeats} '
             f'forwards; fp32 matmul {rows[0].matmul_gflops:.0f} GFLOP/s.\n\n'
             + benchmark.profile_markdown(rows))
     os.makedirs(args.out, exist_ok=True)
