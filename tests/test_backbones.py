@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ALL_ARCHS, backbone_class
+from conftest import ALL_ARCHS, backbone_class, randomize_
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
 
 SIZES = [(224, 224), (225, 331), (512, 512), (800, 1344), (37, 53)]
@@ -32,6 +32,21 @@ def test_any_size_train_and_eval(family, arch):
             assert all(torch.isfinite(o).all() for o in outs)
 
 
+@pytest.mark.parametrize('cls,arch', [(EfficientFormer, 'l1'), (EfficientFormerV2, 's0'),
+                                      (EfficientViT, 'm0')])
+def test_training_step_at_odd_sizes(cls, arch):
+    """The autograd path (no caches, no fused kernels) at sizes whose stride-16 grid is odd,
+    where the official V2 code crashes."""
+    model = cls(arch=arch).train()
+    for h, w in [(225, 331), (37, 53)]:
+        model.zero_grad()
+        outs = model(torch.randn(2, 3, h, w))
+        assert [tuple(o.shape) for o in outs] == expected_shapes(model, 2, h, w)
+        sum(o.square().mean() for o in outs).backward()
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize('cls,arch', [(EfficientFormer, 'l1'), (EfficientFormerV2, 's0')])
 @pytest.mark.parametrize('img', [800, 512])
 def test_official_bias_mode_any_size(cls, arch, img):
@@ -54,13 +69,23 @@ def test_backward_reaches_every_parameter(family, arch):
 @pytest.mark.parametrize('cls,arch', [(EfficientFormer, 'l1'), (EfficientFormerV2, 's0'),
                                       (EfficientViT, 'm0')])
 def test_with_cp_gives_same_outputs_and_gradients(cls, arch):
+    """Same outputs, gradients and BatchNorm statistics after a step, with far fewer tensors
+    kept for backward (the blocks really are checkpointed)."""
     plain = cls(arch=arch, drop_path_rate=0.).train()
     ckpt = cls(arch=arch, with_cp=True).train()
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 96, 128)
-    grads = []
+    grads, saved_bytes = [], []
     for model in (plain, ckpt):
-        outs = model(x)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs = model(x)
+        saved_bytes.append(sum(saved))
         sum(o.square().mean() for o in outs).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         model.outs = [o.detach() for o in outs]
@@ -68,6 +93,10 @@ def test_with_cp_gives_same_outputs_and_gradients(cls, arch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6)
+    # The backward re-run of each block must not update the running statistics again.
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert saved_bytes[1] < saved_bytes[0] / 3, saved_bytes
 
 
 @pytest.mark.parametrize('family,arch', [('EfficientFormer', 'l1'), ('EfficientFormerV2', 's0'),
@@ -109,9 +138,16 @@ def test_v1_output_norm_is_groupnorm_over_each_level():
     model = EfficientFormer('l1').eval()
     assert all(isinstance(n, torch.nn.GroupNorm) and n.num_groups == 1
                for n in model.out_norms.values())
-    outs = model(torch.randn(1, 3, 96, 96))
-    raw = model.forward_intermediates(torch.randn(1, 3, 96, 96))
+    randomize_(model)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        outs = model(x)
+        raw = model.forward_intermediates(x)
     assert len(outs) == len(raw) == 4
+    for out, level, norm in zip(outs, raw, model.out_norms.values()):
+        expected = torch.nn.functional.group_norm(level, 1, norm.weight, norm.bias, norm.eps)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out, level, atol=1e-2)
     assert EfficientFormer('l1', out_norm_cfg=None).out_norms is None
 
 
@@ -141,6 +177,91 @@ def test_bad_constructor_arguments():
         EfficientFormerV2('s0', bias_mode='official')
     with pytest.raises(ValueError, match='bias_mode must be one of'):
         EfficientFormer('l1', bias_mode='interpolated')
+    with pytest.raises(ValueError, match='bias_mode must be one of'):  # also without attention
+        EfficientFormer(dict(depths=[1, 1, 1, 1], widths=[8, 16, 32, 64], num_vit=0),
+                        bias_mode='interpolated')
+    with pytest.raises(ValueError, match=r"bias_img_size=800 applies only to "
+                                         r"bias_mode='official'"):
+        EfficientFormerV2('s0', bias_img_size=800)
+
+
+V1_SMALL = dict(depths=[1, 1, 1, 2], widths=[16, 32, 48, 64], num_vit=1)
+V2_SMALL = dict(depths=[1, 1, 2, 2], widths=[16, 32, 48, 64], num_vit=1,
+                mlp_ratios=[[4], [4], [4, 4], [3, 3]])
+VIT_SMALL = dict(widths=[64, 96, 128], depths=[1, 1, 1], num_heads=[2, 3, 4], kernels=[5, 5, 3, 3])
+
+
+@pytest.mark.parametrize('cls, arch, match', [
+    # A per-stage list of the wrong length used to build fewer stages than out_indices named.
+    (EfficientFormer, dict(V1_SMALL, depths=[1, 1, 2]), r'depths must have one entry per stage'),
+    (EfficientViT, dict(VIT_SMALL, num_heads=[2, 3]), r'num_heads must have one entry per stage'),
+    (EfficientFormerV2, dict(V2_SMALL, mlp_ratios=[[4], [4], [4, 4]]),
+     r'mlp_ratios must have one entry per stage'),
+    (EfficientFormerV2, dict(V2_SMALL, mlp_ratios=[[4], [4], [4], [3, 3]]),
+     r'mlp_ratios\[2\] must give one positive ratio per block \(2\)'),
+    (EfficientFormer, dict(V1_SMALL, depths=[1, 0, 1, 2]), r'depths entries must be positive'),
+    (EfficientFormer, dict(V1_SMALL, num_vit=3), r"num_vit=3 exceeds the last stage's depth 2"),
+    (EfficientFormerV2, dict(V2_SMALL, num_vit=3), r'num_vit=3 exceeds the depth of stage 3 or 4'),
+    (EfficientViT, dict(VIT_SMALL, num_heads=[2, 3, 3]), r'width 128 is not divisible by its 3'),
+    (EfficientViT, dict(VIT_SMALL, num_heads=[2, 3, 8], widths=[64, 96, 128]),
+     r'kernels gives 4 q kernels .* for up to 8 heads'),
+    (EfficientViT, dict(VIT_SMALL, kernels=[5, 4, 3, 3]), r'kernels must be odd'),
+    (EfficientViT, dict(VIT_SMALL, widths=[60, 96, 128]), r'widths\[0\] must be a multiple of 8'),
+    (EfficientFormerV2, dict(V2_SMALL, widths=[15, 32, 48, 64]),
+     r'widths\[0\] must be a multiple of 2'),
+])
+def test_custom_arch_contents_are_checked(cls, arch, match):
+    with pytest.raises(ValueError, match=match):
+        cls(arch)
+
+
+def test_forward_intermediates_checks_indices():
+    model = EfficientFormer(V1_SMALL).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert [f.shape[1] for f in model.forward_intermediates(x, [-1, 1])] == [32, 64]
+        with pytest.raises(ValueError, match='indices entry 7 is out of range'):
+            model.forward_intermediates(x, [7])
+        with pytest.raises(ValueError, match='indices must be non-empty'):
+            model.forward_intermediates(x, [])
+
+
+@pytest.mark.parametrize('cls', [EfficientFormer, EfficientFormerV2, EfficientViT])
+def test_stochastic_depth_is_random_in_training_only(cls):
+    from mmeformer.deploy import fuse
+    from mmeformer.models.layers import DropPath
+    model = cls(drop_path_rate=0.5, with_cp=True, norm_eval=True)
+    randomize_(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        first, second = model.train()(x)[-1], model(x)[-1]
+        assert not torch.allclose(first, second)  # different blocks dropped
+        torch.testing.assert_close(model.eval()(x)[-1], model(x)[-1])
+        reference = model(x)
+        fused = fuse(model)
+        assert not any(isinstance(m, DropPath) for m in fused.modules())
+        assert not any(getattr(m, 'with_cp', False) for m in fused.modules())
+        for a, b in zip(fused(x), reference):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_list_init_cfg_loads_through_the_converter(tmp_path):
+    """A Pretrained entry inside an init_cfg list is loaded by mmeformer's converter (mmengine's
+    PretrainedInit would find none of the original release's keys), after the other entries."""
+    from conftest import FIXTURES, random_checkpoint
+    path = tmp_path / 'eformer_s0.pth'
+    random_checkpoint(FIXTURES / 'imagenet_v2_s0.json', path)
+    model = EfficientFormerV2('s0', init_cfg=[
+        dict(type='Constant', layer='Conv2d', val=0.5),
+        dict(type='Pretrained', checkpoint=str(path))])
+    model.init_weights()
+    raw = torch.load(path, weights_only=True)['model']
+    assert torch.equal(model.stem.conv1.conv.weight, raw['patch_embed.0.weight'])
+    assert torch.equal(model.stages[3].blocks[3].mlp.fc2.conv.weight,
+                       raw['network.6.3.mlp.fc2.weight'])
+    with pytest.raises(ValueError, match='2 Pretrained entries'):
+        EfficientFormerV2('s0', init_cfg=[dict(type='Pretrained', checkpoint=str(path))] * 2
+                          ).init_weights()
 
 
 def test_custom_arch_dict():
@@ -185,6 +306,16 @@ def test_eval_batchnorm_folding_never_goes_stale():
         layer.double()
         assert layer(x.double()).dtype == torch.float64
         layer.float()
+        layer.bn.eps = 0.5  # a plain attribute, part of the fold
+        torch.testing.assert_close(layer(x), plain(), rtol=1e-5, atol=1e-5)
+        # A training forward of the BN alone updates its running statistics without moving
+        # their version counters (only num_batches_tracked's).
+        before = layer(x)
+        layer.bn.train()
+        layer.bn(torch.randn(4, 16, 5, 5) * 3 + 2)
+        layer.bn.eval()
+        assert not torch.allclose(plain(), before, atol=1e-3)
+        torch.testing.assert_close(layer(x), plain(), rtol=1e-5, atol=1e-5)
     out = layer(x)  # gradients wanted: the unfolded path, with a graph into the BN weight
     out.sum().backward()
     assert layer.bn.weight.grad is not None and layer.conv.weight.grad is not None

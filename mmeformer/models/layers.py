@@ -161,7 +161,8 @@ def folded_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 def _tensor_state(t: Optional[torch.Tensor]) -> tuple:
-    """(storage, in-place version) of ``t``: a cache keyed on it never outlives a change."""
+    """(storage, in-place version) of ``t``: a cache keyed on it never outlives an in-place
+    change made through ``t`` (see :class:`FoldsBatchNorm` for the changes it cannot see)."""
     if t is None:
         return ()
     # Inference tensors (made under torch.inference_mode) have no version counter.
@@ -256,10 +257,14 @@ class FoldsBatchNorm(nn.Module):
 
     Used when the BN is in eval mode, nothing is being traced and no gradient is wanted for the
     pair's parameters; the folded weights are cached and rebuilt when any parameter or buffer
-    of the pair changes (storage, in-place version, device or dtype) and dropped on ``train()``,
-    ``.to()`` and ``load_state_dict``. Saves a full pass over every BN output; outputs match
-    the unfolded pair up to float rounding. :func:`mmeformer.deploy.fuse` does the same fold
-    permanently.
+    of the pair changes (storage, in-place version, device or dtype) or ``bn.eps`` does, and
+    dropped on ``train()`` / ``eval()``, ``.to()`` and ``load_state_dict``. Saves a full pass
+    over every BN output; outputs match the unfolded pair up to float rounding.
+    :func:`mmeformer.deploy.fuse` does the same fold permanently.
+
+    Two kinds of in-place change leave no trace that a cache could see: writes through
+    ``.data`` and edits of inference tensors (a model built under ``torch.inference_mode``).
+    Call ``model.eval()`` after such a change.
     """
 
     def _conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor,
@@ -267,15 +272,17 @@ class FoldsBatchNorm(nn.Module):
         """``act(bn(conv(x)))``, ``act`` optional (fused into the conv where possible)."""
         foldable = (isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
                     and bn.track_running_stats and not is_tracing())
+        # num_batches_tracked: a training-mode forward updates the running statistics without
+        # moving their version counters, but it increments this counter in place.
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                   bn.running_var) if foldable else ()
+                   bn.running_var, bn.num_batches_tracked) if foldable else ()
         if not foldable or (torch.is_grad_enabled()
                             and any(t is not None and t.requires_grad for t in tensors)):
             return _apply_act(bn(conv2d(conv, x)), act)
         if is_compiling():
             return conv2d(conv, x, *folded_conv_bn(conv.weight, conv.bias, bn), act=act)
         cache = self.__dict__.setdefault('_fold_cache', {})
-        key = tuple(_tensor_state(t) for t in tensors)
+        key = (bn.eps, ) + tuple(_tensor_state(t) for t in tensors)
         entry = cache.get(id(conv))
         if entry is None or entry[0] != key:
             with torch.no_grad():
@@ -330,13 +337,33 @@ class ConvActSequential(nn.Sequential):
         return x
 
 
+@contextlib.contextmanager
+def _running_stats_restored(module: nn.Module):
+    """The running statistics (and ``num_batches_tracked``) of the BatchNorms inside are put
+    back on exit. The normalisation itself is untouched: switching the update off instead
+    would change which tensors autograd saves, which checkpointing refuses."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    kept = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, kept):
+                buffer.copy_(value)
+
+
 def run_blocks(blocks, x, with_cp: bool, *args):
-    """Run ``blocks`` in order, with activation checkpointing per block when asked and useful."""
+    """Run ``blocks`` in order, with activation checkpointing per block when asked and useful.
+    The backward pass re-runs each checkpointed block; that re-run must not update the
+    BatchNorm running statistics a second time."""
     use_cp = with_cp and torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in blocks.parameters()))
     for block in blocks:
         if use_cp and block.training:
-            x = checkpoint(block, x, *args, use_reentrant=False)
+            x = checkpoint(block, x, *args, use_reentrant=False,
+                           context_fn=lambda b=block: (contextlib.nullcontext(),
+                                                       _running_stats_restored(b)))
         else:
             x = block(x, *args)
     return x
@@ -455,7 +482,9 @@ class RelativeBiasAttention(nn.Module):
 
     In eval, when no gradient can flow into the bias, results are cached per (grid sizes,
     device, dtype, versions of the table and of any other input of the bias); the cache is
-    dropped on ``train()``, ``_apply`` (``.to()``, ``.half()``, ...) and ``load_state_dict``.
+    dropped on ``train()`` / ``eval()``, ``_apply`` (``.to()``, ``.half()``, ...) and
+    ``load_state_dict``. As with :class:`FoldsBatchNorm`, call ``model.eval()`` after writes
+    through ``.data`` or edits of inference tensors, which no version counter records.
     """
 
     def _init_bias_table(self, num_heads: int, table_size: int, query_step: int = 1,

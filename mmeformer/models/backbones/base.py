@@ -11,7 +11,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import build_norm, is_tracing
+from ..layers import BIAS_MODES, build_norm, is_tracing
 
 MIN_INPUT_SIZE = 32
 
@@ -33,7 +33,9 @@ def _check_finite_outputs(module: 'MobileBackbone', inputs, outputs):
 
 
 def resolve_arch(arch: Union[str, dict], arch_settings: Dict[str, dict], family: str) -> dict:
-    """Return a copy of the arch dict named by ``arch`` (or ``arch`` itself, checked)."""
+    """Return a copy of the arch dict named by ``arch`` (or ``arch`` itself, checked for its key
+    names and for the number and type of its per-stage entries; families check the rest in
+    :meth:`MobileBackbone._arch_problems`)."""
     if isinstance(arch, str):
         name = arch.lower()
         if name not in arch_settings:
@@ -48,7 +50,45 @@ def resolve_arch(arch: Union[str, dict], arch_settings: Dict[str, dict], family:
     if missing or unknown:
         raise ValueError(f'custom {family} arch: missing keys {missing}, unknown keys {unknown}; '
                          f'expected exactly {sorted(reference)}')
+    num_stages = len(reference['depths'])
+    problems = []
+    for key, example in reference.items():
+        value = arch[key]
+        if isinstance(example, int):
+            if not _is_int(value) or value < 0:
+                problems.append(f'{key} must be a non-negative int, got {value!r}')
+        elif not isinstance(value, (list, tuple)) or not value:
+            problems.append(f'{key} must be a non-empty list, got {value!r}')
+        elif len(example) == num_stages and len(value) != num_stages:
+            # The stage count is fixed by the strides the family is built for.
+            problems.append(f'{key} must have one entry per stage ({num_stages}), got {value!r}')
+        elif isinstance(example[0], int) and not all(_is_int(v) and v > 0 for v in value):
+            problems.append(f'{key} entries must be positive ints, got {value!r}')
+    if problems:
+        raise ValueError(f'custom {family} arch: ' + '; '.join(problems))
     return dict(arch, name=arch.get('name', 'custom'))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def normalize_indices(indices: Union[int, Sequence[int]], num_stages: int, family: str,
+                      what: str) -> Tuple[int, ...]:
+    """Sorted, unique stage indices in ``0..num_stages - 1`` (negative ones count from the
+    end); a clear error otherwise."""
+    if isinstance(indices, int):
+        indices = [indices]
+    normalized = []
+    for index in indices:
+        if not _is_int(index) or not -num_stages <= index < num_stages:
+            raise ValueError(f'{what} entry {index!r} is out of range for {family} with '
+                             f'{num_stages} stages; valid: 0..{num_stages - 1} (or negative '
+                             f'from the end)')
+        normalized.append(index % num_stages)
+    if len(set(normalized)) != len(normalized) or not normalized:
+        raise ValueError(f'{what} must be non-empty and unique, got {indices!r}')
+    return tuple(sorted(normalized))
 
 
 class MobileBackbone(BaseModule):
@@ -57,6 +97,7 @@ class MobileBackbone(BaseModule):
 
     family = 'backbone'
     arch_settings: Dict[str, dict] = {}
+    stem_divisor = 1  # the stem's first conv has widths[0] // stem_divisor channels
 
     def __new__(cls, *args, **kwargs):
         # Checked before __init__ so that a misspelt config key names the valid ones (Python's
@@ -92,24 +133,29 @@ class MobileBackbone(BaseModule):
             self.register_forward_hook(_check_finite_outputs)
 
     # -- construction helpers -----------------------------------------------------------------
+    def _resolve_arch(self, arch: Union[str, dict]) -> dict:
+        resolved = resolve_arch(arch, self.arch_settings, self.family)
+        problems = self._arch_problems(resolved)
+        if problems:
+            raise ValueError(f'custom {self.family} arch: ' + '; '.join(problems))
+        return resolved
+
+    def _arch_problems(self, arch: dict) -> List[str]:
+        """What would make a custom arch (keys and entry counts already checked) build a
+        network other than the one described, or fail later in forward; [] if nothing.
+        Families add their own checks to these."""
+        if arch['widths'][0] % self.stem_divisor:
+            return [f"widths[0] must be a multiple of {self.stem_divisor} (the stem's first conv "
+                    f"has 1/{self.stem_divisor} of it), got {arch['widths'][0]}"]
+        return []
+
     def _setup_outputs(self, channels: List[int], strides: List[int],
                        out_norm_cfg: Optional[dict]):
         num_stages = len(channels)
         self.channels = list(channels)
         self.strides = list(strides)
-        indices = self._requested_out_indices
-        if isinstance(indices, int):
-            indices = [indices]
-        normalized = []
-        for index in indices:
-            if not isinstance(index, int) or not -num_stages <= index < num_stages:
-                raise ValueError(f'out_indices entry {index!r} is out of range for {self.family} '
-                                 f'with {num_stages} stages; valid: 0..{num_stages - 1} '
-                                 f'(or negative from the end)')
-            normalized.append(index % num_stages)
-        if len(set(normalized)) != len(normalized) or not normalized:
-            raise ValueError(f'out_indices must be non-empty and unique, got {indices!r}')
-        self.out_indices = tuple(sorted(normalized))
+        self.out_indices = normalize_indices(self._requested_out_indices, num_stages,
+                                             self.family, 'out_indices')
         if not -1 <= self.frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages={self.frozen_stages} is out of range; valid: -1 '
                              f'(nothing), 0 (stem), 1..{num_stages} (stem + first k stages)')
@@ -130,9 +176,16 @@ class MobileBackbone(BaseModule):
         self._freeze_stages()
 
     def _set_bias_mode(self, bias_mode: str, bias_img_size: Optional[int]):
+        if bias_mode not in BIAS_MODES:
+            raise ValueError(f'bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}')
         if bias_mode == 'official' and bias_img_size is None:
             raise ValueError("bias_mode='official' needs bias_img_size: 800 for the released "
                              'COCO weights, 512 for the ADE20K ones')
+        if bias_mode != 'official' and bias_img_size is not None:
+            # Ignoring it would hide a config that meant to load the dense release.
+            raise ValueError(f"bias_img_size={bias_img_size} applies only to "
+                             f"bias_mode='official' (the released COCO / ADE20K weights); set "
+                             f"bias_mode='official' or drop bias_img_size (set it to None)")
         self.bias_mode, self.bias_img_size = bias_mode, bias_img_size
 
     # -- forward ------------------------------------------------------------------------------
@@ -215,10 +268,11 @@ class MobileBackbone(BaseModule):
 
     def forward_intermediates(self, x: torch.Tensor,
                               indices: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
-        """Raw stage outputs (before output norms) for ``indices`` (default: every stage)."""
+        """Raw stage outputs (before output norms) for ``indices`` (default: every stage), in
+        stage order."""
         self._check_input(x)
-        wanted = range(len(self.stages)) if indices is None else [
-            i % len(self.stages) for i in indices]
+        wanted = range(len(self.stages)) if indices is None else normalize_indices(
+            indices, len(self.stages), self.family, 'indices')
         x = self.stem(self._to_memory_format(x))
         feats = []
         for i, stage in enumerate(self.stages):
@@ -257,17 +311,39 @@ class MobileBackbone(BaseModule):
 
     # -- weights ------------------------------------------------------------------------------
     def init_weights(self):
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            from ...checkpoint import load_pretrained  # local: keeps model import light
-            unknown = sorted(set(cfg) - {'type', 'checkpoint', 'prefix', 'map_location'})
-            if unknown:
-                raise ValueError(f'init_cfg Pretrained: unknown keys {unknown}; valid keys are '
-                                 f"'checkpoint' and 'prefix'")
-            load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'))
-            self._is_init = True
+        pretrained, others = self._split_init_cfg()
+        if pretrained is None:
+            super().init_weights()
             return
-        super().init_weights()
+        unknown = sorted(set(pretrained) - {'type', 'checkpoint', 'prefix', 'strict',
+                                            'map_location'})
+        if unknown:
+            raise ValueError(f'init_cfg Pretrained: unknown keys {unknown}; valid keys are '
+                             f"'checkpoint', 'prefix', 'strict' and 'map_location' (accepted as "
+                             f'in mmengine; files are always read on the CPU and copied onto '
+                             f"the model's device)")
+        if others:  # the other initialisers first; the checkpoint goes on top
+            full_cfg, self.init_cfg = self.init_cfg, others
+            try:
+                super().init_weights()
+            finally:
+                self.init_cfg = full_cfg
+        from ...checkpoint import load_pretrained  # local: keeps model import light
+        load_pretrained(self, pretrained['checkpoint'], prefix=pretrained.get('prefix'),
+                        strict=pretrained.get('strict', True))
+        self._is_init = True
+
+    def _split_init_cfg(self) -> Tuple[Optional[dict], List[dict]]:
+        """(the Pretrained entry of ``init_cfg`` or None, the other entries). A Pretrained entry
+        is always loaded by mmeformer's converter, also inside a list (mmengine's own
+        ``PretrainedInit`` would load an original release without converting it)."""
+        cfg = self.init_cfg
+        entries = [] if cfg is None else list(cfg) if isinstance(cfg, (list, tuple)) else [cfg]
+        pretrained = [c for c in entries if isinstance(c, dict) and c.get('type') == 'Pretrained']
+        if len(pretrained) > 1:
+            raise ValueError(f'init_cfg has {len(pretrained)} Pretrained entries; give one')
+        others = [c for c in entries if not any(c is p for p in pretrained)]
+        return (pretrained[0] if pretrained else None), others
 
     def switch_to_deploy(self, input_size: Optional[Tuple[int, int]] = None):
         """Fold BatchNorms, drop training-only paths, optionally freeze the attention biases of

@@ -9,7 +9,7 @@ Parameter names follow timm's layout (``stem``, ``stages.i.downsample``, ``stage
 :mod:`mmeformer.checkpoint`. Output norms (``out_norms.i``) are those of the dense backbone.
 """
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from ...registry import MODELS
 from ..layers import (GELU, FoldsBatchNorm, LayerScale, RelativeBiasAttention,
                       drop_path_or_identity, linear, run_blocks, scaled_lerp, scaled_residual,
                       softmax_attention, stochastic_depth_rates)
-from .base import MobileBackbone, resolve_arch
+from .base import MobileBackbone
 
 
 class Attention(RelativeBiasAttention):
@@ -205,6 +205,7 @@ class EfficientFormer(MobileBackbone):
         'l7': dict(depths=[6, 6, 18, 8], widths=[96, 192, 384, 768], num_vit=8),
     }
     num_heads, key_dim, attn_ratio, mlp_ratio, table_size = 8, 32, 4, 4, 7
+    stem_divisor = 2
 
     def __init__(self,
                  arch: Union[str, dict] = 'l1',
@@ -223,7 +224,7 @@ class EfficientFormer(MobileBackbone):
                  channels_last: bool = True):
         super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg,
                          check_finite, channels_last)
-        self.arch = resolve_arch(arch, self.arch_settings, self.family)
+        self.arch = self._resolve_arch(arch)
         depths, widths = self.arch['depths'], self.arch['widths']
         self._set_bias_mode(bias_mode, bias_img_size)
         attn_cfg = dict(
@@ -243,6 +244,13 @@ class EfficientFormer(MobileBackbone):
         self.stages = nn.ModuleList(stages)
         self._init_default_weights()
         self._setup_outputs(widths, [4, 8, 16, 32], out_norm_cfg)
+
+    def _arch_problems(self, arch: dict) -> List[str]:
+        problems = super()._arch_problems(arch)
+        if arch['num_vit'] > arch['depths'][-1]:
+            problems.append(f"num_vit={arch['num_vit']} exceeds the last stage's depth "
+                            f"{arch['depths'][-1]}")
+        return problems
 
     def _init_default_weights(self):
         for module in self.modules():

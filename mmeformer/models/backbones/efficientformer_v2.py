@@ -11,7 +11,7 @@ converted by :mod:`mmeformer.checkpoint`.
 """
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ from ...registry import MODELS
 from ..layers import (GELU, ConvActSequential, ConvNorm, LayerScale, RelativeBiasAttention,
                       Stage, drop_path_or_identity, query_chunks, query_rows, scaled_residual,
                       softmax_attention, stochastic_depth_rates)
-from .base import MobileBackbone, resolve_arch
+from .base import MobileBackbone
 
 
 def _heads_first(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -224,6 +224,7 @@ class EfficientFormerV2(MobileBackbone):
         :class:`~mmeformer.models.EfficientFormer`.
     """
     family = 'EfficientFormerV2'
+    stem_divisor = 2
     arch_settings = {
         's0': dict(depths=[2, 2, 6, 4], widths=[32, 48, 96, 176], num_vit=2,
                    mlp_ratios=[[4] * 2, [4] * 2, [4, 3, 3, 3, 4, 4], [4, 3, 3, 4]]),
@@ -255,13 +256,9 @@ class EfficientFormerV2(MobileBackbone):
                  channels_last: bool = True):
         super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg,
                          check_finite, channels_last)
-        self.arch = resolve_arch(arch, self.arch_settings, self.family)
+        self.arch = self._resolve_arch(arch)
         depths, widths = self.arch['depths'], self.arch['widths']
         num_vit = self.arch['num_vit']
-        for depth, ratios in zip(depths, self.arch['mlp_ratios']):
-            if len(ratios) != depth:
-                raise ValueError(f'mlp_ratios must give one ratio per block: {ratios} for depth '
-                                 f'{depth}')
         self._set_bias_mode(bias_mode, bias_img_size)
 
         def ref_grid(stride):
@@ -297,3 +294,16 @@ class EfficientFormerV2(MobileBackbone):
             stages.append(Stage(downsample, blocks, with_cp))
         self.stages = nn.ModuleList(stages)
         self._setup_outputs(widths, [4, 8, 16, 32], out_norm_cfg)
+
+    def _arch_problems(self, arch: dict) -> List[str]:
+        depths, problems = arch['depths'], super()._arch_problems(arch)
+        for i, (depth, ratios) in enumerate(zip(depths, arch['mlp_ratios'])):
+            if (not isinstance(ratios, (list, tuple)) or len(ratios) != depth
+                    or not all(isinstance(r, (int, float)) and r > 0 for r in ratios)):
+                problems.append(f'mlp_ratios[{i}] must give one positive ratio per block '
+                                f'({depth}), got {ratios!r}')
+        # Attention blocks end stages 3 and 4.
+        if arch['num_vit'] > min(depths[2:]):
+            problems.append(f"num_vit={arch['num_vit']} exceeds the depth of stage 3 or 4 "
+                            f'{depths[2:]}')
+        return problems

@@ -14,7 +14,7 @@ Parameter names follow timm's layout (``patch_embed.conv1``, ``stages.i.downsamp
 """
 from collections import OrderedDict
 from functools import partial
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ from ...registry import MODELS
 from ..layers import (ConvActSequential, ConvNorm, RelativeBiasAttention, Stage,
                       drop_path_or_identity, is_tracing, softmax_attention,
                       stochastic_depth_rates)
-from .base import MobileBackbone, resolve_arch
+from .base import MobileBackbone
 
 
 class Residual(nn.Module):
@@ -212,6 +212,7 @@ class EfficientViT(MobileBackbone):
                    kernels=[7, 5, 3, 3]),
     }
     key_dim, mlp_ratio = 16, 2
+    stem_divisor = 8
 
     def __init__(self,
                  arch: Union[str, dict] = 'm4',
@@ -228,8 +229,10 @@ class EfficientViT(MobileBackbone):
                  channels_last: bool = True):
         super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg,
                          check_finite, channels_last)
-        self.arch = resolve_arch(arch, self.arch_settings, self.family)
+        self.arch = self._resolve_arch(arch)
         widths, depths = self.arch['widths'], self.arch['depths']
+        if not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f'window_size must be a positive int, got {window_size!r}')
         self.window_size = window_size
         w0 = widths[0]
         relu = partial(nn.ReLU, inplace=True)
@@ -252,6 +255,19 @@ class EfficientViT(MobileBackbone):
             stages.append(Stage(downsample, blocks, with_cp))
         self.stages = nn.ModuleList(stages)
         self._setup_outputs(widths, [16, 32, 64], out_norm_cfg)
+
+    def _arch_problems(self, arch: dict) -> List[str]:
+        problems = super()._arch_problems(arch)
+        for width, heads in zip(arch['widths'], arch['num_heads']):
+            if width % heads:
+                problems.append(f'width {width} is not divisible by its {heads} heads')
+        if len(arch['kernels']) < max(arch['num_heads']):
+            problems.append(f"kernels gives {len(arch['kernels'])} q kernels (one per head "
+                            f"index) for up to {max(arch['num_heads'])} heads")
+        if any(k % 2 == 0 for k in arch['kernels']):
+            problems.append(f"kernels must be odd (same-size depthwise convs), got "
+                            f"{arch['kernels']}")
+        return problems
 
     @property
     def stem(self) -> nn.Module:
