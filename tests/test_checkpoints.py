@@ -35,8 +35,8 @@ def test_fixture_loads_with_exact_key_coverage(fixture, tmp_path):
     path = tmp_path / 'ckpt.pth'
     spec = random_checkpoint(fixture, path)
     model = model_for(fixture.stem)
-    report = load_pretrained(model, str(path), logger='silent')
-    assert report.missing == [] and report.unused == []
+    report = load_pretrained(model, str(path), logger='silent')  # strict
+    assert report.missing == [] and report.unused == [] and report.expected == {}
     # Each file key either filled exactly one model tensor or is listed as dropped with a reason
     # (heads, index buffers, dense placeholders).
     assert len(report.dropped) + len(model.state_dict()) == len(spec['keys'])
@@ -85,6 +85,8 @@ def test_imagenet_v1_into_dense_model_reports_only_the_new_output_norms(tmp_path
     assert report.unused == []
     assert report.missing == sorted(f'out_norms.{i}.{p}' for i in range(4)
                                     for p in ('weight', 'bias'))
+    assert set(report.expected) == set(report.missing)  # a gap the design expects: no error
+    assert all('output norms' in reason for reason in report.expected.values())
     assert {'head.weight', 'dist_head.weight', 'norm.weight'} <= set(report.dropped)
 
 
@@ -116,6 +118,7 @@ def test_imagenet_into_official_mode_drops_biases_with_a_reason(tmp_path):
     bias_keys = [k for k in model.state_dict() if k.endswith('attention_biases')]
     assert report.missing == sorted(bias_keys)
     assert all("bias_mode='official'" in report.dropped[k] for k in bias_keys)
+    assert report.expected == {k: report.dropped[k] for k in bias_keys}
 
 
 def test_own_checkpoints_and_safetensors_round_trip(tmp_path):
@@ -182,3 +185,24 @@ def test_unsafe_truncated_and_empty_files_are_refused(tmp_path):
     empty.write_bytes(b'')
     with pytest.raises(CheckpointError, match='empty'):
         load_pretrained(EfficientFormer('l1'), str(empty), logger='silent')
+
+
+def test_efficientvit_imagenet_stage3_tables_are_resized_bicubically(tmp_path):
+    """ImageNet EfficientViT's stage-3 tables are 4x4 (its map is 4x4 at 224); the downstream
+    7x7 windows need 7x7 tables: the values must be the bicubic resize of the 4x4 grid (as
+    Cream's loader does), the 7x7 tables of stages 1-2 copied unchanged."""
+    path = tmp_path / 'm4.pth'
+    random_checkpoint(next(f for f in BACKBONE_FIXTURES if f.stem == 'imagenet_ev_m4'), path)
+    model = EfficientViT('m4')
+    report = load_pretrained(model, str(path))
+    raw = torch.load(path, weights_only=True)['model']
+    state = model.state_dict()
+    for block in (3, 4, 5):
+        table = raw[f'blocks3.{block}.mixer.m.attn.attention_biases']
+        expected = torch.nn.functional.interpolate(
+            table.view(1, 4, 4, 4), size=(7, 7), mode='bicubic', align_corners=False)
+        key = f'stages.2.blocks.{block - 3}.mixer.m.attn.attention_biases'
+        assert key in report.resized
+        torch.testing.assert_close(state[key], expected.reshape(4, 49), rtol=0, atol=1e-6)
+    assert torch.equal(state['stages.1.blocks.0.mixer.m.attn.attention_biases'],
+                       raw['blocks2.3.mixer.m.attn.attention_biases'])

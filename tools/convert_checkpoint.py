@@ -13,22 +13,39 @@ keys, unless ``--prefix`` is given) converts a released snap-research mmdet 2.x 
 mmseg 0.x Semantic FPN checkpoint, or the Cream EfficientViT-M4 Mask R-CNN / RetinaNet one, into
 a whole-model file that tools/test.py loads into the matching config with no missing and no
 unexpected keys (logic in mmeformer/checkpoint/detector.py).
+
+Before writing, the converted backbone is checked against the released arch it comes from, with
+the strict key check of ``init_cfg`` loading: a file that would fail or load only in part (DDP
+``module.`` keys, missing, extra or mis-shaped tensors, an unknown arch) exits with status 1 and
+the reason instead.
 """
 import argparse
+import os
 import sys
 
 import torch
 
-from mmeformer.checkpoint import (CheckpointError, convert_state_dict, extract_state_dict,
-                                  guess_arch, read_backbone_state_dict, read_checkpoint)
+from mmeformer.checkpoint import (CheckpointError, extract_state_dict, read_backbone_state_dict,
+                                  read_checkpoint)
 from mmeformer.checkpoint.detector import convert_full_checkpoint, is_full_model_state_dict
+from mmeformer.checkpoint.loading import convert_and_verify
+
+
+def check_destination(dst: str) -> None:
+    """Fail before any work when ``dst`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    if os.path.isdir(dst):
+        raise CheckpointError(f'DST {dst!r} is a directory; give a file name, e.g. '
+                              f'{os.path.join(dst, "converted.pth")!r}')
+    if not os.path.isdir(folder):
+        raise CheckpointError(f'the folder of DST {dst!r} does not exist: create it first '
+                              f'(mkdir -p {folder}) or write elsewhere')
 
 
 def convert_file(src: str, dst: str, prefix=None) -> dict:
     state_dict, family, prefix, outside = read_backbone_state_dict(src, prefix)
-    converted, dropped, info = convert_state_dict(state_dict, family)
-    arch = guess_arch(converted, family)
-    meta = dict(family=family, arch=arch or 'unknown', source=src, source_layout=info['layout'],
+    converted, dropped, info, arch = convert_and_verify(state_dict, family, src, prefix)
+    meta = dict(family=family, arch=arch, source=src, source_layout=info['layout'],
                 dense_bias_tables=str(info['dense']), dropped=str(len(dropped)))
     converted = {k: v.contiguous() for k, v in converted.items()}
     if dst.endswith('.safetensors'):
@@ -51,6 +68,7 @@ def main(argv=None):
                         'full-model files unless --prefix is given)')
     args = parser.parse_args(argv)
     try:
+        check_destination(args.dst)
         full = args.full
         if args.full and args.prefix is not None:
             raise CheckpointError('--full converts the whole model; drop --prefix')

@@ -6,6 +6,7 @@ layout), the official dense (mmdet 2.x / mmseg 0.x) backbones, timm state dicts 
 own files. Every key is mapped by a rule on its own name (never by its position in the file);
 keys that are deliberately not loaded are returned with the reason.
 """
+import math
 import re
 from typing import Dict, Optional, Tuple
 
@@ -171,6 +172,14 @@ WIDTH_KEYS = {
     'EfficientViT': ['patch_embed.conv4.conv.weight'] + [
         f'stages.{i}.downsample.patchmerge.conv3.conv.weight' for i in (1, 2)],
 }
+
+
+def dense_bias_img_size(converted: Dict[str, torch.Tensor]) -> Optional[int]:
+    """Reference image size of the official dense bias tables: the smallest (stride-32) table is
+    ``ceil(size / 32)`` on a side."""
+    sides = [int(round(math.sqrt(v.shape[-1]))) for k, v in converted.items()
+             if k.endswith('attention_biases') and v.dim() == 2]
+    return 32 * min(sides) if sides else None
 
 
 def checkpoint_widths(converted: Dict[str, torch.Tensor], family: str) -> Optional[list]:

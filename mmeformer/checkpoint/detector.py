@@ -12,14 +12,14 @@ The written file records under ``meta['mmeformer_conversion']`` the family, arch
 EfficientFormer V1/V2, the bias mode the backbone must be built with (``'official'`` and the
 reference image size), so that ``tools/test.py`` can refuse a config in another bias mode.
 """
-import math
 import os
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from .convert import convert_state_dict, detect_family, guess_arch
+from .convert import dense_bias_img_size, detect_family, detect_layout
 from .io import CheckpointError, extract_state_dict, read_checkpoint
+from .loading import convert_and_verify
 
 # Top-level modules of mmdet / mmseg models whose keys are copied as they are.
 HEAD_PREFIXES = ('neck.', 'rpn_head.', 'roi_head.', 'bbox_head.', 'mask_head.', 'decode_head.',
@@ -34,15 +34,7 @@ def is_full_model_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
             and any(k.startswith(HEAD_PREFIXES) for k in state_dict))
 
 
-def _dense_bias_img_size(converted: Dict[str, torch.Tensor]) -> Optional[int]:
-    """Reference image size of the official dense bias tables: the smallest (stride-32) table is
-    ``ceil(size / 32)`` on a side."""
-    sides = [int(round(math.sqrt(v.shape[-1]))) for k, v in converted.items()
-             if k.endswith('attention_biases') and v.dim() == 2]
-    return 32 * min(sides) if sides else None
-
-
-def convert_full_state_dict(state_dict: Dict[str, torch.Tensor]
+def convert_full_state_dict(state_dict: Dict[str, torch.Tensor], path: str = '<checkpoint>'
                             ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], dict]:
     """Convert a whole detector / segmentor state dict.
 
@@ -64,15 +56,15 @@ def convert_full_state_dict(state_dict: Dict[str, torch.Tensor]
     if family is None:
         raise CheckpointError(f'the backbone.* keys are not EfficientFormer, EfficientFormerV2 '
                               f'or EfficientViT keys (they look like {sorted(backbone)[:3]})')
-    converted_backbone, dropped, info = convert_state_dict(backbone, family)
+    converted_backbone, dropped, info, arch = convert_and_verify(backbone, family, path,
+                                                                 prefix='backbone.')
     converted = {'backbone.' + k: v for k, v in converted_backbone.items()}
     converted.update(others)
     heads = sorted({k.split('.')[0] for k in others})
-    meta = dict(family=family, arch=guess_arch(converted_backbone, family) or 'unknown',
-                heads=','.join(heads), source_layout=info['layout'])
+    meta = dict(family=family, arch=arch, heads=','.join(heads), source_layout=info['layout'])
     if family != 'EfficientViT':
         if info['dense']:
-            meta.update(bias_mode='official', bias_img_size=_dense_bias_img_size(
+            meta.update(bias_mode='official', bias_img_size=dense_bias_img_size(
                 converted_backbone))
         else:
             meta.update(bias_mode='table')
@@ -85,7 +77,7 @@ def convert_full_checkpoint(src: str, dst: str) -> dict:
     Returns the conversion meta plus ``keys`` and ``dropped_keys``.
     """
     state_dict, _ = extract_state_dict(read_checkpoint(src), src)
-    converted, dropped, meta = convert_full_state_dict(state_dict)
+    converted, dropped, meta = convert_full_state_dict(state_dict, src)
     meta = dict(meta, source=os.path.basename(src))
     converted = {k: v.contiguous() for k, v in converted.items()}
     if dst.endswith('.safetensors'):
@@ -98,11 +90,17 @@ def convert_full_checkpoint(src: str, dst: str) -> dict:
 def read_conversion_meta(path: str) -> Optional[dict]:
     """The ``meta['mmeformer_conversion']`` of a file written by :func:`convert_full_checkpoint`,
     or None for any other checkpoint (read safely, memory-mapped when possible)."""
-    from ..engine.safe_load import allow_mmengine_checkpoint_globals
-    allow_mmengine_checkpoint_globals()
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip-format file: cannot be memory-mapped
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+    obj = read_checkpoint(path, mmap=True)
     meta = obj.get('meta') if isinstance(obj, dict) else None
     return meta.get(META_KEY) if isinstance(meta, dict) else None
+
+
+def unconverted_backbone_family(path: str) -> Optional[str]:
+    """The family of a whole-model checkpoint whose ``backbone.*`` keys are still in a released
+    original layout (mmdet 2.x / mmseg 0.x / Cream), or None. mmengine's ``load_from`` would
+    skip each of those keys as unexpected and leave the backbone at its initialisation."""
+    state_dict, _ = extract_state_dict(read_checkpoint(path, mmap=True), path)
+    backbone = {k[len('backbone.'):]: v for k, v in state_dict.items()
+                if k.startswith('backbone.')}
+    family = detect_family(backbone)
+    return family if family and detect_layout(backbone) == 'original' else None

@@ -1,18 +1,23 @@
-"""Loading a converted checkpoint into a backbone: bias-table adaptation, exact shape checks and a
-report of what was missing, unused, dropped or resized."""
+"""Loading a converted checkpoint into a backbone: bias-table adaptation, exact shape checks, a
+strict check of the key sets and a report of what was missing, unused, dropped or resized."""
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from mmengine.logging import print_log
 
-from .convert import convert_state_dict, detect_family, guess_arch
+from .convert import (checkpoint_widths, convert_state_dict, dense_bias_img_size, detect_family,
+                      guess_arch)
 from .io import CheckpointError, extract_state_dict, read_checkpoint
 
 TOP_LEVEL_PREFIXES = ('stem.', 'stages.', 'network.', 'patch_embed.', 'blocks1.', 'out_norms.')
+OUT_NORM_REASON = ('output norms for dense prediction, new on top of a checkpoint without any '
+                   '(ImageNet / timm release): they keep their initialisation')
+DROPPED_OUT_NORM_REASON = ('output norm of a level this backbone does not return or normalise '
+                           '(out_indices / out_norm_cfg)')
+SHOWN_KEYS = 3
 
 
 @dataclass
@@ -24,6 +29,12 @@ class LoadReport:
     dropped: Dict[str, str] = field(default_factory=dict)
     resized: List[str] = field(default_factory=list)
     outside_prefix: int = 0
+    # The missing keys the design expects (they keep their initialisation), with the reason.
+    expected: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def unexpected_missing(self) -> List[str]:
+        return [k for k in self.missing if k not in self.expected]
 
 
 def _select_prefix(state_dict, prefix: Optional[str], path: str) -> Tuple[dict, str, int]:
@@ -69,8 +80,7 @@ def _adapt_bias_tables(model, converted: dict, dropped: dict, path: str) -> List
         table = converted.get(f'{name}.attention_biases')
         if table is not None and table.dim() == 2:
             sides[name] = int(round(math.sqrt(table.shape[-1])))
-    # Dense releases: the smallest table is the stride-32 grid, ceil(bias_img_size / 32).
-    dense_size = 32 * min(sides.values()) if sides else None
+    dense_size = dense_bias_img_size(converted)
     for name, module in modules.items():
         key = f'{name}.attention_biases'
         if key not in converted or converted[key].shape == module.attention_biases.shape:
@@ -104,15 +114,76 @@ def _adapt_bias_tables(model, converted: dict, dropped: dict, path: str) -> List
     return resized
 
 
-def load_pretrained(model, path: str, prefix: Optional[str] = None,
-                    logger: str = 'current') -> LoadReport:
-    """Load any supported checkpoint ``path`` into ``model`` (an mmeformer backbone).
+def _arch_hint(converted: dict, family: str, model) -> Optional[str]:
+    arch = guess_arch(converted, family)
+    if arch and arch != model.arch['name']:
+        return f"it looks like arch '{arch}': build {family}(arch='{arch}')"
+    return None
 
-    Raises :class:`CheckpointError` on a file of another family or arch (naming both) and
-    never drops a tensor silently: missing, unused, dropped and resized keys are logged and
-    returned.
-    """
-    state_dict, family, prefix, outside = read_backbone_state_dict(path, prefix)
+
+def _lead_prefix(state_dict: dict, keys: List[str]) -> Optional[Tuple[str, dict]]:
+    """(prefix, backbone state dict below it) for the leading key component most of ``keys``
+    share, e.g. 'module.' of a DDP file ('module.backbone.' when a whole model is below it)."""
+    leads = Counter(k.split('.', 1)[0] for k in keys if '.' in k)
+    if not leads:
+        return None
+    lead = leads.most_common(1)[0][0] + '.'
+    below = {k[len(lead):]: v for k, v in state_dict.items() if k.startswith(lead)}
+    if not below:
+        return None
+    below, inner, _ = _select_prefix(below, None, '')
+    return lead + inner, below
+
+
+def _prefix_hint(state_dict: dict, family: str, keys: List[str], fits,
+                 outer_prefix: str = '') -> Optional[str]:
+    """Name the prefix whose removal makes the checkpoint fit (``fits(converted)``);
+    ``outer_prefix``: the one already taken off ``state_dict``."""
+    candidate = _lead_prefix(state_dict, keys)
+    if candidate is None:
+        return None
+    prefix, below = outer_prefix + candidate[0], candidate[1]
+    try:
+        converted, _, _ = convert_state_dict(below, family)
+    except CheckpointError:
+        return None
+    if not fits(converted):
+        return None
+    return (f"its keys carry the prefix {prefix!r}: pass prefix={prefix!r} "
+            f"(init_cfg=dict(type='Pretrained', checkpoint=..., prefix={prefix!r}); "
+            f'tools/convert_checkpoint.py --prefix {prefix})')
+
+
+def _keys_summary(keys: List[str]) -> str:
+    return f'{len(keys)} (first: {", ".join(keys[:SHOWN_KEYS])})'
+
+
+def _strict_error(path: str, model, report: LoadReport, state_dict: dict, converted: dict,
+                  prefix: str, loadable: int) -> CheckpointError:
+    model_keys = set(model.state_dict())
+    missing = report.unexpected_missing
+    problems = []
+    if missing:
+        problems.append(f'model tensors missing from the file: {_keys_summary(missing)}')
+    if report.unused:
+        problems.append(f'file tensors the model does not have: {_keys_summary(report.unused)}')
+    hints = [h for h in (_prefix_hint(state_dict, report.family, report.unused,
+                                      lambda c: sum(k in model_keys for k in c) > loadable,
+                                      prefix),
+                         _arch_hint(converted, report.family, model)) if h]
+    return CheckpointError(
+        f'{path!r} does not match {model.arch_description()} '
+        f'({loadable} of {len(model_keys)} model tensors found): ' + '; '.join(problems) + '. '
+        + ''.join(f'Likely fix: {h}. ' for h in hints)
+        + f"To load only the {loadable} matching tensors and keep the rest as initialised, pass "
+        f"strict=False (init_cfg=dict(type='Pretrained', checkpoint=..., strict=False))")
+
+
+def fit_state_dict(model, state_dict: dict, family: str, path: str, prefix: str = '',
+                   strict: bool = True) -> Tuple[dict, LoadReport]:
+    """Convert ``state_dict`` (a backbone in any supported layout) for ``model`` and check that
+    it fits: the checks of :func:`load_pretrained`, shared with tools/convert_checkpoint.py.
+    Returns (the tensors to load, report); the model is not touched."""
     converted, dropped, info = convert_state_dict(state_dict, family)
     if family != model.family:
         arch = guess_arch(converted, family)
@@ -127,21 +198,73 @@ def load_pretrained(model, path: str, prefix: Optional[str] = None,
                   for k, v in converted.items() if k in model_state
                   and v.shape != model_state[k].shape]
     if mismatched:
-        arch = guess_arch(converted, family)
         key, got, want = mismatched[0]
-        hint = (f"; it looks like arch '{arch}': build {family}(arch='{arch}')"
-                if arch and arch != model.arch['name'] else '')
+        hint = _arch_hint(converted, family, model)
         raise CheckpointError(
             f'{path!r} does not fit {model.arch_description()}: {len(mismatched)} tensors differ '
-            f'in shape (first: {key} is {got} in the file, {want} in the model){hint}')
+            f'in shape (first: {key} is {got} in the file, {want} in the model)'
+            + (f'; {hint}' if hint else ''))
 
+    loadable = {k: v for k, v in converted.items() if k in model_state}
     missing = sorted(k for k in model_state if k not in converted)
     unused = sorted(k for k in converted if k not in model_state)
-    model.load_state_dict({k: v for k, v in converted.items() if k in model_state},
-                          strict=False)
-    report = LoadReport(family, info['layout'], missing, unused, dropped, resized, outside)
+    for key in [k for k in unused if k.startswith('out_norms.')]:
+        dropped[key] = DROPPED_OUT_NORM_REASON  # e.g. dense V1 weights for a RetinaNet's levels
+        unused.remove(key)
+    has_out_norms = any(k.startswith('out_norms.') for k in converted)
+    expected = {k: dropped[k] if k in dropped else OUT_NORM_REASON for k in missing
+                if k in dropped or (k.startswith('out_norms.') and not has_out_norms)}
+    report = LoadReport(family, info['layout'], missing, unused, dropped, resized,
+                        expected=expected)
+    if strict and (report.unexpected_missing or unused):
+        raise _strict_error(path, model, report, state_dict, converted, prefix, len(loadable))
+    return loadable, report
+
+
+def load_pretrained(model, path: str, prefix: Optional[str] = None, strict: bool = True,
+                    logger: str = 'current') -> LoadReport:
+    """Load any supported checkpoint ``path`` into ``model`` (an mmeformer backbone).
+
+    Raises :class:`CheckpointError` on a file of another family or arch (naming both) and, with
+    ``strict``, on missing or unused keys other than the gaps the design expects (new output
+    norms, ImageNet bias tables in official mode), naming the likely fix. Never drops a tensor
+    silently: missing, unused, dropped and resized keys are logged and returned.
+    """
+    state_dict, family, prefix, outside = read_backbone_state_dict(path, prefix)
+    loadable, report = fit_state_dict(model, state_dict, family, path, prefix, strict)
+    model.load_state_dict(loadable, strict=False)
+    report.outside_prefix = outside
     _log_report(report, path, prefix, logger)
     return report
+
+
+def convert_and_verify(state_dict: dict, family: str, path: str, prefix: str = ''
+                       ) -> Tuple[dict, dict, dict, str]:
+    """Convert a backbone state dict for writing and check, by building the released arch it
+    comes from (in the bias mode of the file), that it loads with ``strict=True``: the converter
+    must never write a file that fails or half-loads later. Returns
+    ``(converted, dropped, info, arch)`` as :func:`convert_state_dict` plus the arch name."""
+    from .. import models
+    converted, dropped, info = convert_state_dict(state_dict, family)
+    model_cls = getattr(models, family)
+    arch = guess_arch(converted, family)
+    if arch is None:
+        hint = _prefix_hint(converted, family, list(converted),
+                            lambda c: guess_arch(c, family) is not None, prefix)
+        widths = checkpoint_widths(converted, family)
+        found = (f'its stage widths {widths} match none of them' if widths else
+                 f'its keys look like {sorted(converted)[:SHOWN_KEYS]}')
+        raise CheckpointError(
+            f'{path!r}: cannot tell which released {family} arch '
+            f'({", ".join(model_cls.arch_settings)}) it is: {found}. '
+            + (f'Likely fix: {hint}. ' if hint else '')
+            + "A custom arch loads directly with init_cfg=dict(type='Pretrained', "
+            'checkpoint=...), which checks the file against the model you build')
+    kwargs = {}
+    if info['dense']:
+        kwargs = dict(bias_mode='official', bias_img_size=dense_bias_img_size(converted))
+    fit_state_dict(model_cls(arch=arch, **kwargs), converted, family, path, prefix)
+    return converted, dropped, info, arch
 
 
 def _log_report(report: LoadReport, path: str, prefix: str, logger: str):
@@ -152,7 +275,12 @@ def _log_report(report: LoadReport, path: str, prefix: str, logger: str):
         lines.append(f'  dropped {count} key(s): {reason}')
     if report.resized:
         lines.append(f'  resized {len(report.resized)} bias table(s) to the window size')
-    lines.append(f'  missing in checkpoint ({len(report.missing)}): {report.missing}')
-    lines.append(f'  unused from checkpoint ({len(report.unused)}): {report.unused}')
+    new = Counter(r for k, r in report.expected.items() if k not in report.dropped)
+    for reason, count in sorted(new.items()):
+        lines.append(f'  left initialised {count} key(s): {reason}')
+    missing = report.unexpected_missing
+    if missing or report.unused:  # only with strict=False
+        lines.append(f'  missing in checkpoint ({len(missing)}): {missing}')
+        lines.append(f'  unused from checkpoint ({len(report.unused)}): {report.unused}')
     print_log('\n'.join(lines), logger=logger,
-              level=30 if (report.missing or report.unused) else 20)
+              level=30 if (missing or report.unused) else 20)

@@ -332,10 +332,28 @@ def check_checkpoint_bias_mode(cfg: Config, checkpoint: str) -> None:
             f"model.backbone.bias_img_size={want['bias_img_size']}")
 
 
+def check_checkpoint_converted(checkpoint: str) -> None:
+    """Refuse a released detector / segmentor checkpoint whose backbone was never converted:
+    ``load_from`` loads non-strictly, so its backbone would silently stay at random init."""
+    from ..checkpoint.detector import unconverted_backbone_family
+    family = unconverted_backbone_family(checkpoint)
+    if family:
+        raise LaunchError(
+            f'{checkpoint} is a released {family} detector / segmentor checkpoint whose backbone '
+            f'keys are still in the original (mmdet 2.x / mmseg 0.x / Cream) layout; loaded as '
+            f'it is, the backbone would stay at random init. Convert it first: python '
+            f'tools/convert_checkpoint.py {checkpoint} CONVERTED.pth (it detects --full), then '
+            f'evaluate CONVERTED.pth')
+
+
 def test(cfg: Config, checkpoint: str) -> Dict[str, float]:
     """Evaluate ``checkpoint`` with ``cfg``'s test loop; returns the metrics."""
-    if not osp.isfile(checkpoint):
-        raise LaunchError(f'checkpoint {checkpoint!r} does not exist')
+    from ..checkpoint.io import CheckpointError, check_checkpoint_path
+    try:
+        check_checkpoint_path(checkpoint)
+    except CheckpointError as err:
+        raise LaunchError(str(err)) from None
+    check_checkpoint_converted(checkpoint)
     check_checkpoint_bias_mode(cfg, checkpoint)
     cfg.load_from = checkpoint
     cfg.resume = False
