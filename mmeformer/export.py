@@ -113,6 +113,11 @@ def export_onnx(model: nn.Module, path: str, shape: Tuple[int, int], dynamic: bo
 
 
 def relative_errors(reference: Sequence[torch.Tensor], outputs: Sequence) -> List[float]:
+    """Largest difference of each exported output from PyTorch's, relative to PyTorch's
+    largest value; the exported model must return as many outputs of the same shapes."""
+    if len(outputs) != len(reference):
+        raise ValueError(f'the exported model returns {len(outputs)} outputs, PyTorch '
+                         f'{len(reference)}')
     errors = []
     for ref, out in zip(reference, outputs):
         ref = ref.detach().float().numpy()

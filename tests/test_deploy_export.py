@@ -24,9 +24,33 @@ def test_fused_model_matches_unfused(cls, arch):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     for size in [(96, 128), (224, 224), (65, 97)]:  # the frozen size and two others
         x = torch.randn(1, 3, *size)
+        # With gradients enabled the eval model runs the plain conv -> BatchNorm graph and
+        # computes its biases afresh (no folding, no cache): an independent reference.
+        reference = [r.detach() for r in model(x)]
         with torch.no_grad():
-            for ref, out in zip(model(x), fused(x)):
-                assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+            outputs = fused(x)
+        assert len(outputs) == len(reference)
+        for ref, out in zip(reference, outputs):
+            assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize('cls,arch', ONE_PER_FAMILY)
+def test_static_fused_onnx_has_no_batchnorm_bias_gather_or_bicubic_resize(cls, arch, tmp_path):
+    """What fusion is for: the exported graph holds folded convs and constant biases. Its only
+    Gathers read tensor shapes, its only resizes are V2's bilinear upsample."""
+    import onnx
+    path = str(tmp_path / 'm.onnx')
+    export_onnx(fuse(cls(arch=arch), input_size=(96, 128)), path, (96, 128), dynamic=False)
+    graph = onnx.load(path).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    ops = [node.op_type for node in graph.node]
+    assert 'BatchNormalization' not in ops
+    assert all(producer.get(node.input[0]) == 'Shape' for node in graph.node
+               if node.op_type == 'Gather')
+    modes = [attr.s for node in graph.node if node.op_type == 'Resize'
+             for attr in node.attribute if attr.name == 'mode']
+    assert set(modes) <= {b'linear'}
+    assert ops.count('Resize') == (2 if cls is EfficientFormerV2 else 0)
 
 
 @pytest.mark.parametrize('cls,arch', ONE_PER_FAMILY)
@@ -71,15 +95,35 @@ PUBLISHED_GMACS = {
 @pytest.mark.parametrize('name', sorted(PUBLISHED_GMACS))
 def test_macs_at_224_match_the_published_table(name):
     macs = count_macs(build_model(name), (224, 224)) / 1e9
-    assert abs(macs - PUBLISHED_GMACS[name]) <= 0.02 * PUBLISHED_GMACS[name]
+    # The table has 4 decimals; V2-S0 is 0.17% off it (its talking heads are counted).
+    assert abs(macs - PUBLISHED_GMACS[name]) <= 2e-3 * PUBLISHED_GMACS[name]
 
 
 def test_get_flops_json():
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'get_flops.py'), 'efficientvit_m4',
                            '--shape', '512', '512', '--json'], capture_output=True, text=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert abs(result['macs'] / 1e6 - 1594.4) <= 0.02 * 1594.4  # BACKBONES.md at 512x512
+    assert abs(result['macs'] / 1e6 - 1594.4) <= 1e-4 * 1594.4  # BACKBONES.md at 512x512
     assert result['params'] == sum(p.numel() for p in EfficientViT('m4').parameters())
+
+
+def test_get_flops_of_a_whole_segmentor_config():
+    """A config counts backbone, neck and head: the whole model's parameters, and MACs well
+    above the backbone's at the same size (the 256-channel FPN and head: 1.81 against 0.16 G
+    at 128x160 when written)."""
+    config = str(REPO / 'configs' / 'segmentation' / 'semfpn_eformerv2_s0.py')
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'get_flops.py'), config,
+                           '--shape', '128', '160', '--json'], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = Config.fromfile(config)
+    init_default_scope(cfg.default_scope)
+    cfg.model.backbone.init_cfg = None
+    assert result['params'] == sum(p.numel() for p in MODELS.build(cfg.model).parameters())
+    backbone_macs = count_macs(build_model('efficientformerv2_s0'), (128, 160))
+    assert result['macs'] > 5 * backbone_macs
 
 
 def test_benchmark_quick_writes_its_report(tmp_path):
