@@ -6,7 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
+
+# The suite tests the CPU paths (CI has no GPU): with a GPU visible, mmengine would pick NCCL
+# and the CUDA AMP wrapper instead, in this process and in the tools it starts. Set before
+# torch initialises CUDA; child processes inherit it.
+os.environ['CUDA_VISIBLE_DEVICES'] = ''
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('MMEFORMER_SHARED', REPO.parent / 'shared'))

@@ -76,10 +76,20 @@ def test_train_save_resume_test_on_toy_data(case, toy_root, tmp_path, monkeypatc
 
     # Resume from the latest checkpoint; its message hub / optimizer / schedulers load safely.
     train(run(2, resume='auto'))
+    logs = [log.read_text() for log in (tmp_path / 'work').glob('*/*.log')]
+    resumed = [log for log in logs if 'resumed epoch' in log]
+    assert len(logs) == 2 and len(resumed) == 1, logs
+    # The second run continues after iteration 2 instead of training from scratch.
+    assert f'Auto resumed from the latest checkpoint {tmp_path / "work" / first}' in resumed[0]
+    assert re.search(r'resumed epoch: [01], iter: 2$', resumed[0], re.M)
     last = tmp_path / 'work' / ('epoch_2.pth' if unit == 'epoch' else 'iter_4.pth')
     checkpoint = torch.load(str(last), map_location='cpu', weights_only=True)
     assert checkpoint['meta']['iter'] == 4
     assert checkpoint['meta']['epoch'] == (2 if unit == 'epoch' else 0)
+    steps = [{int(state['step']) for state in torch.load(
+        str(tmp_path / 'work' / name), map_location='cpu', weights_only=True
+    )['optimizer']['state'].values()} for name in (first, last.name)]
+    assert steps == [{2}, {4}]  # AdamW's state carried over
 
     metrics = run_test(run(2), str(last))
     if unit == 'epoch':
@@ -127,7 +137,6 @@ def test_dist_train_two_cpu_processes_then_test(toy_root, tmp_path):
     config = str(REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformerv2_s0.py')
     work_dir = tmp_path / 'dist'
     env = dict(os.environ, PORT=str(_free_port()), PYTHON=PYTHON, OMP_NUM_THREADS='1')
-    env.pop('CUDA_VISIBLE_DEVICES', None)
     train_run = subprocess.run(
         ['bash', str(REPO / 'tools' / 'dist_train.sh'), config, '2', '--work-dir', str(work_dir),
          '--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=10',

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,6 @@ def _partials(directory):
 
 def _child_env():
     env = dict(os.environ, OMP_NUM_THREADS='2', PYTHONPATH=str(REPO))
-    env.pop('CUDA_VISIBLE_DEVICES', None)
     return env
 
 
@@ -283,7 +281,7 @@ def test_tools_use_the_atomic_hook_and_the_resumable_loop():
 
 # -- SIGKILL mid-epoch and --resume through tools/train.py ---------------------------------------
 # Toy Semantic FPN + EfficientFormerV2-S0: 8 training images, batch 2 = 4 iterations per epoch,
-# a checkpoint every 2 iterations; killed during iteration 3 (mid-epoch), resumed to iteration 4.
+# a checkpoint every 2 iterations; killed after iteration 3 (mid-epoch), resumed to iteration 4.
 RESUME_CONFIG = '''
 _base_ = ['{base}']
 train_dataloader = dict(batch_size=2)
@@ -292,6 +290,33 @@ val_dataloader = None
 val_cfg = None
 val_evaluator = None
 default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
+'''
+
+
+# Run 1 only: SIGKILL itself at the end of iteration 3 (after its optimizer step and log line,
+# before the iteration-4 checkpoint), however fast the machine is.
+KILL_HOOK = '''
+import os
+import signal
+
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class KillAfterIteration(Hook):
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter + 1 == self.iteration:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+KILLED_CONFIG = '''
+_base_ = ['{base}']
+custom_imports = dict(imports=['mmeformer.models', 'kill_hook'], allow_failed_imports=False)
+custom_hooks = [dict(type='KillAfterIteration', iteration=3, priority='LOWEST')]
 '''
 
 
@@ -336,20 +361,18 @@ def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path):
     work = tmp_path / 'work'
     env = _child_env()
 
-    # 1. Train; once the iteration-2 checkpoint and its pointer are on disk, SIGKILL.
-    with open(tmp_path / 'run1.log', 'w') as log:
-        proc = subprocess.Popen(_train_cmd(config, work), cwd=tmp_path, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        pointer = work / 'last_checkpoint'
-        deadline = time.time() + 240
-        while not pointer.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # into iteration 3
-        still_running = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    run1 = (tmp_path / 'run1.log').read_text()
-    assert still_running and proc.returncode == -signal.SIGKILL, run1[-4000:]
+    # 1. Train with a hook that SIGKILLs the process after iteration 3 (the iteration-2
+    # checkpoint and its pointer are on disk by then).
+    (tmp_path / 'kill_hook.py').write_text(KILL_HOOK)
+    killed_config = tmp_path / 'killed_cfg.py'
+    killed_config.write_text(KILLED_CONFIG.format(base=config))
+    env_run1 = dict(env, PYTHONPATH=f'{env["PYTHONPATH"]}{os.pathsep}{tmp_path}')
+    proc = subprocess.run(_train_cmd(killed_config, work), cwd=tmp_path, env=env_run1,
+                          capture_output=True, text=True, timeout=300)
+    run1 = proc.stdout + proc.stderr
+    pointer = work / 'last_checkpoint'
+    assert proc.returncode == -signal.SIGKILL, run1[-4000:]
+    assert re.findall(r'Iter\(train\) \[\s*(\d+)/4\]', run1) == ['1', '2', '3'], run1[-4000:]
     assert pointer.read_text() == str(work / 'iter_2.pth'), run1[-4000:]
     assert not (work / 'iter_4.pth').exists()  # killed mid-run, before the next checkpoint
     assert 'AtomicCheckpointHook' in run1
