@@ -3,6 +3,8 @@ a training batch BatchNorm cannot normalise, neck / decode-head ``in_channels`` 
 match the backbone and misspelt backbone keywords, all at build time with the key and the valid
 values (through the Python API, the registries and the tools)."""
 import copy
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -191,3 +193,11 @@ def test_export_tool_with_neck_reports_a_config_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and 'model.neck.in_channels=[128, 256, 512] does not match' in err, err
     assert 'Set model.neck.in_channels=[128, 256, 384]' in err
+
+
+def test_doctor_reports_a_usable_environment():
+    proc = subprocess.run([sys.executable, '-m', 'mmeformer.doctor'], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r'^torch\s+2\.13\.0', proc.stdout, re.M)
+    assert 'OK: the environment is usable.' in proc.stdout

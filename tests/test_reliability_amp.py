@@ -167,3 +167,21 @@ def test_train_tool_amp_option_on_cpu(toy_ade, tmp_path):
     assert 'mixed precision: mmeformer.CPUAmpOptimWrapper with dtype bfloat16' in log
     losses = [float(v) for v in re.findall(r'Iter\(train\) \[\s*\d+/2\].*? loss: (\S+)', log)]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses), log[-3000:]
+
+
+def test_float16_dynamic_loss_scale_skips_overflowing_steps():
+    """float16 on CPU with dynamic loss scaling: a step whose gradients overflow is skipped and
+    the scale halved; a finite step updates the weights; the scale survives a state round trip."""
+    from mmeformer.engine import CPUAmpOptimWrapper
+    param = torch.nn.Parameter(torch.ones(4))
+    wrapper = CPUAmpOptimWrapper(optimizer=torch.optim.SGD([param], lr=0.1))
+    scale = wrapper.loss_scaler.get_scale()
+    wrapper.update_params((param * float('inf')).sum())  # overflowing gradients
+    assert torch.equal(param.detach(), torch.ones(4))
+    assert wrapper.loss_scaler.get_scale() == scale / 2
+    wrapper.update_params((param * 2.).sum())  # gradient 2 per entry
+    torch.testing.assert_close(param.detach(), torch.full((4, ), 0.8))
+    restored = CPUAmpOptimWrapper(optimizer=torch.optim.SGD([param], lr=0.1))
+    restored.load_state_dict(wrapper.state_dict())
+    assert restored.loss_scaler.get_scale() == scale / 2
+
