@@ -172,8 +172,7 @@ def test_evaluating_an_unconverted_release_names_the_converter(fixture, config, 
 def test_dense_output_norms_of_levels_not_returned_are_dropped(tmp_path):
     """Dense V1 weights into a backbone that returns fewer levels (a RetinaNet's 1..3) or has no
     output norms: the surplus norms are dropped with their reason, not an error."""
-    path = tmp_path / 'dense_l1.pth'
-    random_checkpoint(FIXTURES / 'dense_det_v1_l1.json', path)
+    path = released('dense_det_v1_l1', tmp_path)
     for kwargs, surplus in [(dict(out_indices=(1, 2, 3)), 2), (dict(out_norm_cfg=None), 8)]:
         model = EfficientFormer('l1', bias_mode='official', bias_img_size=800, **kwargs)
         report = load_pretrained(model, str(path))

@@ -174,10 +174,16 @@ WIDTH_KEYS = {
 }
 
 
+def table_side(table: torch.Tensor) -> int:
+    """Side of the square (|dy|, |dx|) grid of a (heads, side * side) bias table; 0 for a tensor
+    of another shape."""
+    return int(round(math.sqrt(table.shape[-1]))) if table.dim() == 2 else 0
+
+
 def dense_bias_img_size(converted: Dict[str, torch.Tensor]) -> Optional[int]:
     """Reference image size of the official dense bias tables: the smallest (stride-32) table is
     ``ceil(size / 32)`` on a side."""
-    sides = [int(round(math.sqrt(v.shape[-1]))) for k, v in converted.items()
+    sides = [table_side(v) for k, v in converted.items()
              if k.endswith('attention_biases') and v.dim() == 2]
     return 32 * min(sides) if sides else None
 

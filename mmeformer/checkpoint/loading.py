@@ -1,6 +1,5 @@
 """Loading a converted checkpoint into a backbone: bias-table adaptation, exact shape checks, a
 strict check of the key sets and a report of what was missing, unused, dropped or resized."""
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 
 from .convert import (checkpoint_widths, convert_state_dict, dense_bias_img_size, detect_family,
-                      guess_arch)
+                      guess_arch, table_side)
 from .io import CheckpointError, extract_state_dict, read_checkpoint
 
 TOP_LEVEL_PREFIXES = ('stem.', 'stages.', 'network.', 'patch_embed.', 'blocks1.', 'out_norms.')
@@ -74,18 +73,13 @@ def _bias_modules(model):
 def _adapt_bias_tables(model, converted: dict, dropped: dict, path: str) -> List[str]:
     """Fit checkpoint bias tables to the model's bias mode; returns the keys resized."""
     resized = []
-    modules = _bias_modules(model)
-    sides = {}
-    for name, module in modules.items():
-        table = converted.get(f'{name}.attention_biases')
-        if table is not None and table.dim() == 2:
-            sides[name] = int(round(math.sqrt(table.shape[-1])))
     dense_size = dense_bias_img_size(converted)
-    for name, module in modules.items():
+    for name, module in _bias_modules(model).items():
         key = f'{name}.attention_biases'
         if key not in converted or converted[key].shape == module.attention_biases.shape:
             continue
-        table, side = converted[key], sides.get(name, 0)
+        table = converted[key]
+        side = table_side(table)
         heads = table.shape[0]
         if heads != module.attention_biases.shape[0] or side * side != table.shape[-1]:
             continue  # a different arch: reported by the shape check
@@ -263,6 +257,8 @@ def convert_and_verify(state_dict: dict, family: str, path: str, prefix: str = '
     kwargs = {}
     if info['dense']:
         kwargs = dict(bias_mode='official', bias_img_size=dense_bias_img_size(converted))
+    # Converting the converted dict again is deliberate: it is what loading the written file
+    # will do.
     fit_state_dict(model_cls(arch=arch, **kwargs), converted, family, path, prefix)
     return converted, dropped, info, arch
 

@@ -270,14 +270,14 @@ class FoldsBatchNorm(nn.Module):
     def _conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor,
                  act: Optional[nn.Module] = None) -> torch.Tensor:
         """``act(bn(conv(x)))``, ``act`` optional (fused into the conv where possible)."""
-        foldable = (isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
-                    and bn.track_running_stats and not is_tracing())
+        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
+                or not bn.track_running_stats or is_tracing()):
+            return _apply_act(bn(conv2d(conv, x)), act)
         # num_batches_tracked: a training-mode forward updates the running statistics without
         # moving their version counters, but it increments this counter in place.
-        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                   bn.running_var, bn.num_batches_tracked) if foldable else ()
-        if not foldable or (torch.is_grad_enabled()
-                            and any(t is not None and t.requires_grad for t in tensors)):
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                   bn.num_batches_tracked)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return _apply_act(bn(conv2d(conv, x)), act)
         if is_compiling():
             return conv2d(conv, x, *folded_conv_bn(conv.weight, conv.bias, bn), act=act)
