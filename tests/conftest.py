@@ -3,6 +3,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,25 @@ ARCHS = {
 }
 ALL_ARCHS = [(family, arch) for family, archs in ARCHS.items() for arch in archs]
 FAMILY_OF_TAG = {'v1': 'EfficientFormer', 'v2': 'EfficientFormerV2', 'ev': 'EfficientViT'}
+# Temporary disk the suite needs at once: pytest.ini deletes each passing test's tmp_path, and
+# `make test` peaked at 1.48 GB under /tmp (random checkpoints, toy work dirs of two workers).
+# Twice that, so that a nearly full disk stops the run at its start with the fix named, not
+# at 90% with ENOSPC.
+MIN_FREE_TMP_BYTES = 3e9
+
+
+def pytest_sessionstart(session):
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        return  # the controller checks once
+    folder = session.config.option.basetemp or tempfile.gettempdir()
+    while not os.path.isdir(folder):  # a --basetemp that does not exist yet
+        folder = os.path.dirname(os.path.abspath(folder))
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_TMP_BYTES:
+        raise pytest.UsageError(
+            f'only {free / 1e9:.2f} GB free under {folder}; the tests need about '
+            f'{MIN_FREE_TMP_BYTES / 1e9:.1f} GB of temporary space: free some (old pytest runs '
+            f'live in {tempfile.gettempdir()}/pytest-of-*) or point TMPDIR at a larger disk')
 
 
 def backbone_class(family):
