@@ -79,6 +79,10 @@ def test_train_save_resume_test_on_toy_data(case, toy_root, tmp_path, monkeypatc
     logs = [log.read_text() for log in (tmp_path / 'work').glob('*/*.log')]
     resumed = [log for log in logs if 'resumed epoch' in log]
     assert len(logs) == 2 and len(resumed) == 1, logs
+    # Each run writes its config and scalars into its own folder (mmengine would reuse the
+    # first run's visualizer, named 'visualizer' by the config, and write into that one).
+    for name in ('config.py', 'scalars.json'):
+        assert len(list((tmp_path / 'work').glob(f'*/vis_data/{name}'))) == 2, name
     # The second run continues after iteration 2 instead of training from scratch.
     assert f'Auto resumed from the latest checkpoint {tmp_path / "work" / first}' in resumed[0]
     assert re.search(r'resumed epoch: [01], iter: 2$', resumed[0], re.M)

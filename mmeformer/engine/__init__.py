@@ -7,7 +7,8 @@ from .config_check import ConfigError, backbone_out_channels, check_model_config
 from .loops import ResumableEpochBasedTrainLoop
 from .runner import (LaunchError, add_runner_arguments, build_runner, default_work_dir,
                      load_config, parse_runner_args, prepare_distributed, restore_resume_seed,
-                     test, train, use_atomic_checkpoints, use_resumable_epoch_loop)
+                     test, train, use_atomic_checkpoints, use_own_visualizer,
+                     use_resumable_epoch_loop)
 from .safe_load import allow_mmengine_checkpoint_globals, mmengine_checkpoint_globals
 
 __all__ = [
@@ -16,6 +17,6 @@ __all__ = [
     'allow_mmengine_checkpoint_globals', 'atomic_write', 'backbone_out_channels',
     'build_runner', 'check_model_config', 'default_work_dir', 'load_config',
     'mmengine_checkpoint_globals', 'parse_runner_args', 'prepare_distributed',
-    'restore_resume_seed', 'test', 'train', 'use_atomic_checkpoints',
+    'restore_resume_seed', 'test', 'train', 'use_atomic_checkpoints', 'use_own_visualizer',
     'use_resumable_epoch_loop'
 ]

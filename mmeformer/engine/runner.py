@@ -11,7 +11,7 @@ The logic behind ``tools/train.py`` and ``tools/test.py`` (which stay thin argum
   allow-lists mmengine's checkpoint globals for ``torch.load``
   (:mod:`mmeformer.engine.safe_load`), makes checkpoint writing crash-safe
   (:mod:`mmeformer.engine.checkpointing`) and mid-epoch resumption exact
-  (:mod:`mmeformer.engine.loops`) and builds the Runner; :func:`train` and :func:`test` run it.
+  (:mod:`mmeformer.engine.loops`), gives each run its own visualizer and builds the Runner; :func:`train` and :func:`test` run it.
 
 Whether a config is a detector (mmdet) or a segmentor (mmseg) follows from its
 ``default_scope``; nothing here depends on the task.
@@ -288,16 +288,38 @@ def restore_resume_seed(cfg: Config) -> Optional[int]:
     return seed
 
 
+def use_own_visualizer(cfg: Config) -> Optional[str]:
+    """Give this run a visualizer of its own; returns the new name, or None when the config's
+    name is still free. mmdet and mmseg configs name theirs ``'visualizer'``, and mmengine's
+    ``get_instance`` returns an existing instance of that name with its old backends: a second
+    run in the same process would write its config and scalars into the first run's work dir,
+    and fail once that folder is gone."""
+    from mmengine.visualization import Visualizer
+    visualizer = cfg.get('visualizer')
+    if not isinstance(visualizer, dict) or not visualizer.get('name'):
+        return None  # no name: the Runner names it after the run
+    base = visualizer['name']
+    if not Visualizer.check_instance_created(base):
+        return None
+    number = 2
+    while Visualizer.check_instance_created(f'{base}_{number}'):
+        number += 1
+    visualizer['name'] = f'{base}_{number}'
+    return visualizer['name']
+
+
 def build_runner(cfg: Config):
     """Check the model config, allow-list mmengine's checkpoint globals, make checkpoint
-    writing atomic and mid-epoch resumption exact (loop, seed), set up distribution and build
-    the Runner (from the task's own registry when the config sets ``runner_type``)."""
+    writing atomic and mid-epoch resumption exact (loop, seed), give the run its own
+    visualizer, set up distribution and build the Runner (from the task's own registry when
+    the config sets ``runner_type``)."""
     from .config_check import check_model_config
     check_model_config(cfg)
     allow_mmengine_checkpoint_globals()
     use_atomic_checkpoints(cfg)
     use_resumable_epoch_loop(cfg)
     restore_resume_seed(cfg)
+    use_own_visualizer(cfg)
     prepare_distributed(cfg)
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS
