@@ -11,7 +11,8 @@ The logic behind ``tools/train.py`` and ``tools/test.py`` (which stay thin argum
   allow-lists mmengine's checkpoint globals for ``torch.load``
   (:mod:`mmeformer.engine.safe_load`), makes checkpoint writing crash-safe
   (:mod:`mmeformer.engine.checkpointing`) and mid-epoch resumption exact
-  (:mod:`mmeformer.engine.loops`), gives each run its own visualizer and builds the Runner; :func:`train` and :func:`test` run it.
+  (:mod:`mmeformer.engine.loops`), gives each run its own visualizer and builds the Runner;
+  :func:`train` and :func:`test` run it.
 
 Whether a config is a detector (mmdet) or a segmentor (mmseg) follows from its
 ``default_scope``; nothing here depends on the task.
