@@ -140,7 +140,9 @@ def _free_port():
 def test_dist_train_two_cpu_processes_then_test(toy_root, tmp_path):
     config = str(REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformerv2_s0.py')
     work_dir = tmp_path / 'dist'
-    env = dict(os.environ, PORT=str(_free_port()), PYTHON=PYTHON, OMP_NUM_THREADS='1')
+    # TMPDIR: torchrun writes a torchelastic_* log folder there; keep it under tmp_path.
+    env = dict(os.environ, PORT=str(_free_port()), PYTHON=PYTHON, OMP_NUM_THREADS='1',
+               TMPDIR=str(tmp_path))
     train_run = subprocess.run(
         ['bash', str(REPO / 'tools' / 'dist_train.sh'), config, '2', '--work-dir', str(work_dir),
          '--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=10',
