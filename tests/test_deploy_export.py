@@ -68,18 +68,30 @@ def test_torchscript_export_matches(tmp_path):
     assert max(verify_torchscript(model, str(tmp_path / 'm.pt'), [(96, 128)]).values()) <= 1e-4
 
 
-def test_export_tool_exit_status_and_coreml(tmp_path):
+def test_export_tool_exit_status(tmp_path):
     out = tmp_path / 'm4.onnx'
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'), 'efficientvit_m4',
                            '--dynamic', '--shape', '96', '128', '--out', str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and 'OK: largest difference' in proc.stdout, proc.stderr
-    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'), 'efficientvit_m0',
+
+
+# One variant per family: each family has its own blocks, and so its own ops to convert.
+@pytest.mark.parametrize('name,outputs,resizes', [
+    ('efficientformer_l1', "['stride4', 'stride8', 'stride16', 'stride32']", 'none'),
+    # V2's stage-3 attention upsamples its half-resolution output: architecture, not bias.
+    ('efficientformerv2_s0', "['stride4', 'stride8', 'stride16', 'stride32']",
+     "['upsample_bilinear']"),
+    ('efficientvit_m0', "['stride16', 'stride32', 'stride64']", 'none'),
+])
+def test_coreml_export_tool(tmp_path, name, outputs, resizes):
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'), name,
                            '--format', 'coreml', '--shape', '64', '64', '--out',
-                           str(tmp_path / 'm0.mlpackage')], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "outputs ['stride16', 'stride32', 'stride64']" in proc.stdout
-    assert 'resize/upsample ops: none' in proc.stdout  # fixed size: no bicubic bias resize
+                           str(tmp_path / f'{name}.mlpackage')], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f'outputs {outputs}' in proc.stdout
+    # A fixed-size export holds no bicubic bias resize.
+    assert f'resize/upsample ops: {resizes}' in proc.stdout
 
 
 # BACKBONES.md section 1: V1/V2 classification MACs; EfficientViT with the downstream 7x7 windows.

@@ -130,17 +130,19 @@ def _is_active(drop_path: nn.Module) -> bool:
 def scaled_residual(x: torch.Tensor, branch: torch.Tensor, layer_scale: LayerScale,
                     drop_path: nn.Module) -> torch.Tensor:
     """``x + drop_path(layer_scale(branch))``; one fused multiply-add unless stochastic depth
-    is active."""
-    if _is_active(drop_path):
+    is active or the graph is being exported (coremltools 9.0 has no ``addcmul``)."""
+    if _is_active(drop_path) or is_tracing():
         return x + drop_path(layer_scale(branch))
     return torch.addcmul(x, layer_scale.shaped_gamma(branch), branch)
 
 
 def scaled_lerp(x: torch.Tensor, target: torch.Tensor, layer_scale: LayerScale,
                 drop_path: nn.Module) -> torch.Tensor:
-    """``x + drop_path(layer_scale(target - x))``; one ``lerp`` unless stochastic depth is
-    active (three passes fewer over the map)."""
-    if _is_active(drop_path) or not x.dtype == target.dtype == layer_scale.gamma.dtype:
+    """``x + drop_path(layer_scale(target - x))``; one ``lerp`` (three passes fewer over the
+    map) unless stochastic depth is active or the graph is being exported (coremltools 9.0 has
+    no ``lerp``)."""
+    if (_is_active(drop_path) or is_tracing()
+            or not x.dtype == target.dtype == layer_scale.gamma.dtype):
         # Mixed dtypes (autocast): lerp does not promote; the fp32 gamma keeps the residual
         # stream, and with it the norms that follow, in fp32.
         return x + drop_path(layer_scale(target - x))
