@@ -195,6 +195,15 @@ def test_export_tool_with_neck_reports_a_config_error(tmp_path, capsys):
     assert 'Set model.neck.in_channels=[128, 256, 384]' in err
 
 
+def test_export_tool_refuses_unfused_coreml(tmp_path, capsys):
+    import export as export_tool
+    with pytest.raises(SystemExit) as exit_info:
+        export_tool.main(['efficientvit_m0', '--format', 'coreml', '--no-fuse', '--out',
+                          str(tmp_path / 'm.mlpackage')])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and 'coremltools cannot convert; drop --no-fuse' in err, err
+
+
 def test_doctor_reports_a_usable_environment():
     proc = subprocess.run([sys.executable, '-m', 'mmeformer.doctor'], capture_output=True,
                           text=True)

@@ -38,6 +38,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.dynamic and args.format != 'onnx':
         parser.error('--dynamic applies to ONNX only')
+    if args.no_fuse and args.format == 'coreml':
+        # Unfused, the graph resizes the bias tables to the grid (bicubic) on every run;
+        # fusion at the fixed export size stores the resized biases instead.
+        parser.error('--no-fuse cannot export to CoreML: the unfused graph resizes the attention-'
+                     'bias tables bicubically, which coremltools cannot convert; drop --no-fuse')
     if min(args.shape) < 32:
         parser.error('--shape must be at least 32x32')
     return args
