@@ -87,7 +87,8 @@ def test_export_tool_exit_status(tmp_path):
 def test_coreml_export_tool(tmp_path, name, outputs, resizes):
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'), name,
                            '--format', 'coreml', '--shape', '64', '64', '--out',
-                           str(tmp_path / f'{name}.mlpackage')], capture_output=True, text=True)
+                           # trailing '/': a package is a folder, and shells complete it so
+                           f'{tmp_path / name}.mlpackage/'], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f'outputs {outputs}' in proc.stdout
     # A fixed-size export holds no bicubic bias resize.

@@ -38,11 +38,18 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.dynamic and args.format != 'onnx':
         parser.error('--dynamic applies to ONNX only')
-    if args.no_fuse and args.format == 'coreml':
-        # Unfused, the graph resizes the bias tables to the grid (bicubic) on every run;
-        # fusion at the fixed export size stores the resized biases instead.
-        parser.error('--no-fuse cannot export to CoreML: the unfused graph resizes the attention-'
-                     'bias tables bicubically, which coremltools cannot convert; drop --no-fuse')
+    if args.format == 'coreml':
+        # A package is a folder, but coremltools fails to save one named with a trailing '/'.
+        args.out = args.out.rstrip('/') or args.out
+        if not args.out.endswith('.mlpackage'):
+            parser.error(f'--format coreml writes an ML program package: name --out '
+                         f'{args.out!r} with the .mlpackage extension')
+        if args.no_fuse:
+            # Unfused, the graph resizes the bias tables to the grid (bicubic) on every run;
+            # fusion at the fixed export size stores the resized biases instead.
+            parser.error('--no-fuse cannot export to CoreML: the unfused graph resizes the '
+                         'attention-bias tables bicubically, which coremltools cannot convert; '
+                         'drop --no-fuse')
     if min(args.shape) < 32:
         parser.error('--shape must be at least 32x32')
     return args
