@@ -123,15 +123,19 @@ class LayerScale(nn.Module):
         return x * self.shaped_gamma(x)
 
 
-def _is_active(drop_path: nn.Module) -> bool:
-    return isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0.
+def _plain_residual(drop_path: nn.Module) -> bool:
+    """Whether a layer-scale residual must take its plain form instead of one fused op:
+    stochastic depth is active, or a graph is being exported (coremltools 9.0 converts
+    neither ``addcmul`` nor ``lerp``)."""
+    stochastic = isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0.
+    return stochastic or is_tracing()
 
 
 def scaled_residual(x: torch.Tensor, branch: torch.Tensor, layer_scale: LayerScale,
                     drop_path: nn.Module) -> torch.Tensor:
-    """``x + drop_path(layer_scale(branch))``; one fused multiply-add unless stochastic depth
-    is active or the graph is being exported (coremltools 9.0 has no ``addcmul``)."""
-    if _is_active(drop_path) or is_tracing():
+    """``x + drop_path(layer_scale(branch))``; one fused multiply-add unless
+    :func:`_plain_residual`."""
+    if _plain_residual(drop_path):
         return x + drop_path(layer_scale(branch))
     return torch.addcmul(x, layer_scale.shaped_gamma(branch), branch)
 
@@ -139,10 +143,8 @@ def scaled_residual(x: torch.Tensor, branch: torch.Tensor, layer_scale: LayerSca
 def scaled_lerp(x: torch.Tensor, target: torch.Tensor, layer_scale: LayerScale,
                 drop_path: nn.Module) -> torch.Tensor:
     """``x + drop_path(layer_scale(target - x))``; one ``lerp`` (three passes fewer over the
-    map) unless stochastic depth is active or the graph is being exported (coremltools 9.0 has
-    no ``lerp``)."""
-    if (_is_active(drop_path) or is_tracing()
-            or not x.dtype == target.dtype == layer_scale.gamma.dtype):
+    map) unless :func:`_plain_residual` or the dtypes differ."""
+    if _plain_residual(drop_path) or not x.dtype == target.dtype == layer_scale.gamma.dtype:
         # Mixed dtypes (autocast): lerp does not promote; the fp32 gamma keeps the residual
         # stream, and with it the norms that follow, in fp32.
         return x + drop_path(layer_scale(target - x))
