@@ -2,7 +2,7 @@
 arXiv:2206.01191, arXiv:2212.08059, arXiv:2305.07027) to ONNX, TorchScript and CoreML, each
 followed by a numerical check against PyTorch.
 
-The exported model is the fused one (:func:`mmeformer.deploy.fuse`) unless asked otherwise. A
+The tool exports the fused model (:func:`mmeformer.deploy.fuse`) unless asked otherwise. A
 static-size export freezes the attention biases of that size, so its graph holds no gather or
 bicubic resize of the bias tables; a dynamic export computes them from the input size.
 """
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .deploy import fuse
+from .deploy import freeze_attention_biases
+from .models.layers import RelativeBiasAttention
 
 FAMILY_PREFIXES = {'efficientformer_': 'EfficientFormer', 'efficientformerv2_': 'EfficientFormerV2',
                    'efficientvit_': 'EfficientViT'}
@@ -90,17 +91,27 @@ def output_names(model: nn.Module, shape: Tuple[int, int]) -> List[str]:
     return [f'level{i}' for i in range(len(outs))]
 
 
-def prepare(model: nn.Module, shape: Tuple[int, int], dynamic: bool, fused: bool) -> nn.Module:
+def set_attention_biases_for_export(model: nn.Module, shape: Tuple[int, int],
+                                    dynamic: bool) -> None:
+    """A traced graph takes every attention bias that is frozen in ``model`` as a constant
+    (:meth:`~mmeformer.models.layers.RelativeBiasAttention.attention_bias`). So a fixed-size
+    export freezes those of ``shape``, whatever size the model was fused at (the graph then holds
+    no bias gather or bicubic resize), and a dynamic export unfreezes them, since each size
+    needs its own. Outputs do not change: frozen biases are a cache."""
     model.eval()
-    if fused:
-        fuse(model, input_size=None if dynamic else shape)
-    return model
+    if dynamic:
+        for module in model.modules():
+            if isinstance(module, RelativeBiasAttention):
+                module.unfreeze_bias()
+    else:
+        freeze_attention_biases(model, shape)
 
 
 def export_onnx(model: nn.Module, path: str, shape: Tuple[int, int], dynamic: bool,
                 opset: int = ONNX_OPSET) -> List[str]:
     """TorchScript-based exporter (``dynamo=False``), chosen explicitly: it keeps the input size
     symbolic through our shape arithmetic; one named output per level."""
+    set_attention_biases_for_export(model, shape, dynamic)
     names = output_names(model, shape)
     dynamic_axes = None
     if dynamic:
@@ -147,6 +158,7 @@ def verify_onnx(model: nn.Module, path: str, sizes: Sequence[Tuple[int, int]]) -
 
 
 def export_torchscript(model: nn.Module, path: str, shape: Tuple[int, int]) -> None:
+    set_attention_biases_for_export(model, shape, dynamic=False)
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.randn(1, 3, *shape), check_trace=False)
     traced.save(path)
@@ -179,6 +191,16 @@ COREML_HELP = ('coremltools converts on Linux (prediction needs macOS). It was c
                'coremltools 9.0 and torch 2.13; install it with `pip install coremltools==9.0`.')
 
 
+def coreml_package_path(path: str) -> str:
+    """``path`` as coremltools saves it: an ``.mlpackage`` folder, named without the trailing
+    '/' that shells complete (coremltools fails to save to such a name)."""
+    stripped = path.rstrip('/') or path
+    if not stripped.endswith('.mlpackage'):
+        raise ValueError(f'CoreML export writes an ML program package: name {stripped!r} with '
+                         f'the .mlpackage extension')
+    return stripped
+
+
 def export_coreml(model: nn.Module, path: str, shape: Tuple[int, int], image_input: bool) -> Dict:
     """Convert the traced model to an ``mlprogram`` ``.mlpackage``.
 
@@ -186,10 +208,13 @@ def export_coreml(model: nn.Module, path: str, shape: Tuple[int, int], image_inp
     ImageNet normalisation folded into the graph; otherwise a float ``TensorType`` that expects
     already-normalised input. Returns a summary of the spec (inputs, outputs, op types).
     """
+    path = coreml_package_path(path)
     try:
         import coremltools as ct
     except ImportError as err:
         raise RuntimeError(f'coremltools is not installed. {COREML_HELP}') from err
+    # Frozen at the size: coremltools cannot convert the bicubic resize that computes them.
+    set_attention_biases_for_export(model, shape, dynamic=False)
     wrapped = ImageNetNormalize(model).eval() if image_input else model
     # torch.export (not jit.trace): coremltools cannot lower the traced size arithmetic.
     with torch.no_grad():

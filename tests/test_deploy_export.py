@@ -10,8 +10,8 @@ import torch
 from conftest import REPO, randomize_
 from mmeformer.complexity import count_macs
 from mmeformer.deploy import fuse
-from mmeformer.export import build_model, export_onnx, export_torchscript, verify_onnx, \
-    verify_torchscript
+from mmeformer.export import build_model, export_coreml, export_onnx, export_torchscript, \
+    verify_onnx, verify_torchscript
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
 
 ONE_PER_FAMILY = [(EfficientFormer, 'l1'), (EfficientFormerV2, 's0'), (EfficientViT, 'm0')]
@@ -40,7 +40,8 @@ def test_static_fused_onnx_has_no_batchnorm_bias_gather_or_bicubic_resize(cls, a
     Gathers read tensor shapes, its only resizes are V2's bilinear upsample."""
     import onnx
     path = str(tmp_path / 'm.onnx')
-    export_onnx(fuse(cls(arch=arch), input_size=(96, 128)), path, (96, 128), dynamic=False)
+    # Fused without a size: a fixed-size export freezes the biases of its size itself.
+    export_onnx(fuse(cls(arch=arch)), path, (96, 128), dynamic=False)
     graph = onnx.load(path).graph
     producer = {out: node.op_type for node in graph.node for out in node.output}
     ops = [node.op_type for node in graph.node]
@@ -55,7 +56,8 @@ def test_static_fused_onnx_has_no_batchnorm_bias_gather_or_bicubic_resize(cls, a
 
 @pytest.mark.parametrize('cls,arch', ONE_PER_FAMILY)
 def test_dynamic_onnx_export_runs_at_other_sizes(cls, arch, tmp_path):
-    model = fuse(randomize_(cls(arch=arch)))
+    # Biases frozen at one size would be graph constants: a dynamic export unfreezes them.
+    model = fuse(randomize_(cls(arch=arch)), input_size=(96, 128))
     names = export_onnx(model, str(tmp_path / 'm.onnx'), (64, 96), dynamic=True)
     assert names == [f'stride{s}' for s in model.out_strides]
     errors = verify_onnx(model, str(tmp_path / 'm.onnx'), [(96, 128), (65, 97)])
@@ -77,22 +79,36 @@ def test_export_tool_exit_status(tmp_path):
 
 
 # One variant per family: each family has its own blocks, and so its own ops to convert.
-@pytest.mark.parametrize('name,outputs,resizes', [
-    ('efficientformer_l1', "['stride4', 'stride8', 'stride16', 'stride32']", 'none'),
+@pytest.mark.parametrize('name,flags,outputs,resizes', [
+    ('efficientformer_l1', [], "['stride4', 'stride8', 'stride16', 'stride32']", 'none'),
     # V2's stage-3 attention upsamples its half-resolution output: architecture, not bias.
-    ('efficientformerv2_s0', "['stride4', 'stride8', 'stride16', 'stride32']",
+    ('efficientformerv2_s0', [], "['stride4', 'stride8', 'stride16', 'stride32']",
      "['upsample_bilinear']"),
-    ('efficientvit_m0', "['stride16', 'stride32', 'stride64']", 'none'),
+    ('efficientvit_m0', [], "['stride16', 'stride32', 'stride64']", 'none'),
+    # Unfused, the BatchNorms stay, but the attention biases are still frozen at the size.
+    ('efficientformerv2_s0', ['--no-fuse'], "['stride4', 'stride8', 'stride16', 'stride32']",
+     "['upsample_bilinear']"),
 ])
-def test_coreml_export_tool(tmp_path, name, outputs, resizes):
+def test_coreml_export_tool(tmp_path, name, flags, outputs, resizes):
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'), name,
-                           '--format', 'coreml', '--shape', '64', '64', '--out',
+                           '--format', 'coreml', *flags, '--shape', '64', '64', '--out',
                            # trailing '/': a package is a folder, and shells complete it so
                            f'{tmp_path / name}.mlpackage/'], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f'outputs {outputs}' in proc.stdout
     # A fixed-size export holds no bicubic bias resize.
     assert f'resize/upsample ops: {resizes}' in proc.stdout
+
+
+def test_export_coreml_freezes_the_attention_biases_of_its_own_size(tmp_path):
+    """A library caller's model, fused (biases frozen) at another size than the export's:
+    traced as it is, its stage-3/4 attentions would add 96x128 biases to 64x64 maps."""
+    model = fuse(build_model('efficientformerv2_s0'), input_size=(96, 128))
+    summary = export_coreml(model, str(tmp_path / 's0.mlpackage'), (64, 64), image_input=False)
+    assert summary['inputs'] == ['image']
+    assert summary['outputs'] == ['stride4', 'stride8', 'stride16', 'stride32']
+    with pytest.raises(ValueError, match="name '.*s0.coreml' with the .mlpackage extension"):
+        export_coreml(model, str(tmp_path / 's0.coreml'), (64, 64), image_input=False)
 
 
 # BACKBONES.md section 1: V1/V2 classification MACs; EfficientViT with the downstream 7x7 windows.

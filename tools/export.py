@@ -17,6 +17,7 @@ import sys
 import torch
 
 from mmeformer import export
+from mmeformer.deploy import fuse
 
 
 def parse_args(argv=None):
@@ -39,17 +40,10 @@ def parse_args(argv=None):
     if args.dynamic and args.format != 'onnx':
         parser.error('--dynamic applies to ONNX only')
     if args.format == 'coreml':
-        # A package is a folder, but coremltools fails to save one named with a trailing '/'.
-        args.out = args.out.rstrip('/') or args.out
-        if not args.out.endswith('.mlpackage'):
-            parser.error(f'--format coreml writes an ML program package: name --out '
-                         f'{args.out!r} with the .mlpackage extension')
-        if args.no_fuse:
-            # Unfused, the graph resizes the bias tables to the grid (bicubic) on every run;
-            # fusion at the fixed export size stores the resized biases instead.
-            parser.error('--no-fuse cannot export to CoreML: the unfused graph resizes the '
-                         'attention-bias tables bicubically, which coremltools cannot convert; '
-                         'drop --no-fuse')
+        try:  # checked now, not after a model is built and traced
+            args.out = export.coreml_package_path(args.out)
+        except ValueError as err:
+            parser.error(f'--out: {err}')
     if min(args.shape) < 32:
         parser.error('--shape must be at least 32x32')
     return args
@@ -64,7 +58,8 @@ def main(argv=None):
     except ValueError as err:  # unknown arch, a config error naming the key (ConfigError)
         print(f'error: {err}', file=sys.stderr)
         return 2
-    model = export.prepare(model, shape, args.dynamic, fused=not args.no_fuse)
+    if not args.no_fuse:
+        fuse(model)  # the exporters freeze the attention biases of a fixed size themselves
     sizes = export.check_sizes(shape, args.dynamic)
     if args.format == 'onnx':
         names = export.export_onnx(model, args.out, shape, args.dynamic, args.opset)
