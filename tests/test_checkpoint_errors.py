@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, REPO, random_checkpoint
-from mmeformer.checkpoint import CheckpointError, load_pretrained
+from mmeformer.checkpoint import CheckpointError, load_pretrained, read_checkpoint
 from mmeformer.engine import LaunchError, load_config
 from mmeformer.engine import test as run_test  # not named test_*: pytest would collect it
 from mmeformer.engine.runner import check_checkpoint_converted
@@ -166,7 +166,7 @@ def test_evaluating_an_unconverted_release_names_the_converter(fixture, config, 
         run_test(cfg, str(path))
     converted = tmp_path / 'converted.pth'
     assert convert_checkpoint.main([str(path), str(converted)]) == 0
-    check_checkpoint_converted(str(converted))  # the converted file passes
+    check_checkpoint_converted(read_checkpoint(converted), str(converted))  # it passes
 
 
 def test_dense_output_norms_of_levels_not_returned_are_dropped(tmp_path):

@@ -130,10 +130,10 @@ def test_converted_release_loads_into_the_full_model(case, tmp_path, capsys):
 
     # tools/test.py refuses the training config (table mode) for a V1/V2 release.
     if bias_img_size is not None:
-        check_checkpoint_bias_mode(cfg, str(converted))
+        check_checkpoint_bias_mode(cfg, checkpoint, str(converted))
         table_cfg = Config.fromfile(str(REPO / 'configs' / config))
         with pytest.raises(LaunchError, match=f'bias_img_size={bias_img_size}'):
-            check_checkpoint_bias_mode(table_cfg, str(converted))
+            check_checkpoint_bias_mode(table_cfg, checkpoint, str(converted))
 
 
 def test_backbone_conversion_keeps_working(tmp_path, capsys):

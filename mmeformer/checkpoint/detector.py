@@ -87,19 +87,20 @@ def convert_full_checkpoint(src: str, dst: str) -> dict:
     return dict(meta, keys=len(converted), dropped_keys=dropped)
 
 
-def read_conversion_meta(path: str) -> Optional[dict]:
-    """The ``meta['mmeformer_conversion']`` of a file written by :func:`convert_full_checkpoint`,
-    or None for any other checkpoint (read safely, memory-mapped when possible)."""
-    obj = read_checkpoint(path, mmap=True)
-    meta = obj.get('meta') if isinstance(obj, dict) else None
+def conversion_meta(checkpoint: dict) -> Optional[dict]:
+    """The ``meta['mmeformer_conversion']`` of a checkpoint written by
+    :func:`convert_full_checkpoint` (as read by :func:`read_checkpoint`), or None for any other
+    checkpoint."""
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
     return meta.get(META_KEY) if isinstance(meta, dict) else None
 
 
-def unconverted_backbone_family(path: str) -> Optional[str]:
-    """The family of a whole-model checkpoint whose ``backbone.*`` keys are still in a released
-    original layout (mmdet 2.x / mmseg 0.x / Cream), or None. mmengine's ``load_from`` would
-    skip each of those keys as unexpected and leave the backbone at its initialisation."""
-    state_dict, _ = extract_state_dict(read_checkpoint(path, mmap=True), path)
+def unconverted_backbone_family(checkpoint: dict, path: str) -> Optional[str]:
+    """The family of a whole-model checkpoint (read from ``path``) whose ``backbone.*`` keys are
+    still in a released original layout (mmdet 2.x / mmseg 0.x / Cream), or None. mmengine's
+    ``load_from`` would skip each of those keys as unexpected and leave the backbone at its
+    initialisation."""
+    state_dict, _ = extract_state_dict(checkpoint, path)
     backbone = {k[len('backbone.'):]: v for k, v in state_dict.items()
                 if k.startswith('backbone.')}
     family = detect_family(backbone)

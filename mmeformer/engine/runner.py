@@ -335,11 +335,12 @@ def train(cfg: Config):
     return runner.train()
 
 
-def check_checkpoint_bias_mode(cfg: Config, checkpoint: str) -> None:
-    """Refuse to evaluate a converted official dense checkpoint with a backbone in another bias
-    mode (its weights would load with mismatched bias tables and give wrong metrics)."""
-    from ..checkpoint.detector import read_conversion_meta
-    meta = read_conversion_meta(checkpoint)
+def check_checkpoint_bias_mode(cfg: Config, checkpoint: dict, path: str) -> None:
+    """Refuse to evaluate a converted official dense checkpoint (``checkpoint``, read from
+    ``path``) with a backbone in another bias mode (its weights would load with mismatched bias
+    tables and give wrong metrics)."""
+    from ..checkpoint.detector import conversion_meta
+    meta = conversion_meta(checkpoint)
     if not meta or 'bias_mode' not in meta:
         return
     backbone = cfg.model.get('backbone', {})
@@ -348,36 +349,39 @@ def check_checkpoint_bias_mode(cfg: Config, checkpoint: str) -> None:
                 bias_img_size=backbone.get('bias_img_size'))
     if want['bias_mode'] == 'official' and want != have:
         raise LaunchError(
-            f'{checkpoint} is a released dense checkpoint that needs '
+            f'{path} is a released dense checkpoint that needs '
             f"bias_mode='official', bias_img_size={want['bias_img_size']}, but the config builds "
             f"bias_mode={have['bias_mode']!r}, bias_img_size={have['bias_img_size']}. Add: "
             f"--cfg-options model.backbone.bias_mode=official "
             f"model.backbone.bias_img_size={want['bias_img_size']}")
 
 
-def check_checkpoint_converted(checkpoint: str) -> None:
-    """Refuse a released detector / segmentor checkpoint whose backbone was never converted:
-    ``load_from`` loads non-strictly, so its backbone would silently stay at random init."""
+def check_checkpoint_converted(checkpoint: dict, path: str) -> None:
+    """Refuse a released detector / segmentor checkpoint (``checkpoint``, read from ``path``)
+    whose backbone was never converted: ``load_from`` loads non-strictly, so its backbone would
+    silently stay at random init."""
     from ..checkpoint.detector import unconverted_backbone_family
-    family = unconverted_backbone_family(checkpoint)
+    family = unconverted_backbone_family(checkpoint, path)
     if family:
         raise LaunchError(
-            f'{checkpoint} is a released {family} detector / segmentor checkpoint whose backbone '
+            f'{path} is a released {family} detector / segmentor checkpoint whose backbone '
             f'keys are still in the original (mmdet 2.x / mmseg 0.x / Cream) layout; loaded as '
             f'it is, the backbone would stay at random init. Convert it first: python '
-            f'tools/convert_checkpoint.py {checkpoint} CONVERTED.pth (it detects --full), then '
+            f'tools/convert_checkpoint.py {path} CONVERTED.pth (it detects --full), then '
             f'evaluate CONVERTED.pth')
 
 
 def test(cfg: Config, checkpoint: str) -> Dict[str, float]:
     """Evaluate ``checkpoint`` with ``cfg``'s test loop; returns the metrics."""
-    from ..checkpoint.io import CheckpointError, check_checkpoint_path
+    from ..checkpoint.io import CheckpointError, check_checkpoint_path, read_checkpoint
     try:
         check_checkpoint_path(checkpoint)
     except CheckpointError as err:
         raise LaunchError(str(err)) from None
-    check_checkpoint_converted(checkpoint)
-    check_checkpoint_bias_mode(cfg, checkpoint)
+    loaded = read_checkpoint(checkpoint, mmap=True)  # the checks look at keys and meta only
+    check_checkpoint_converted(loaded, checkpoint)
+    check_checkpoint_bias_mode(cfg, loaded, checkpoint)
+    del loaded  # the Runner loads it again, onto the model
     cfg.load_from = checkpoint
     cfg.resume = False
     runner = build_runner(cfg)
