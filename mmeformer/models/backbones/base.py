@@ -32,24 +32,9 @@ def _check_finite_outputs(module: 'MobileBackbone', inputs, outputs):
                 f'causes; check_finite=True makes this check')
 
 
-def resolve_arch(arch: Union[str, dict], arch_settings: Dict[str, dict], family: str) -> dict:
-    """Return a copy of the arch dict named by ``arch`` (or ``arch`` itself, checked for its key
-    names and for the number and type of its per-stage entries; families check the rest in
-    :meth:`MobileBackbone._arch_problems`)."""
-    if isinstance(arch, str):
-        name = arch.lower()
-        if name not in arch_settings:
-            raise ValueError(f'unknown {family} arch {arch!r}; choose one of '
-                             f'{sorted(arch_settings)} or pass a dict')
-        return dict(arch_settings[name], name=name)
-    if not isinstance(arch, dict):
-        raise TypeError(f'arch must be a name or a dict, got {type(arch).__name__}')
-    reference = next(iter(arch_settings.values()))
-    missing = sorted(set(reference) - set(arch))
-    unknown = sorted(set(arch) - set(reference) - {'name'})
-    if missing or unknown:
-        raise ValueError(f'custom {family} arch: missing keys {missing}, unknown keys {unknown}; '
-                         f'expected exactly {sorted(reference)}')
+def _entry_problems(arch: dict, reference: dict) -> List[str]:
+    """What is wrong with the number and type of a custom arch's entries, against a released
+    arch of the family (``reference``); [] if nothing."""
     num_stages = len(reference['depths'])
     problems = []
     for key, example in reference.items():
@@ -64,9 +49,7 @@ def resolve_arch(arch: Union[str, dict], arch_settings: Dict[str, dict], family:
             problems.append(f'{key} must have one entry per stage ({num_stages}), got {value!r}')
         elif isinstance(example[0], int) and not all(_is_int(v) and v > 0 for v in value):
             problems.append(f'{key} entries must be positive ints, got {value!r}')
-    if problems:
-        raise ValueError(f'custom {family} arch: ' + '; '.join(problems))
-    return dict(arch, name=arch.get('name', 'custom'))
+    return problems
 
 
 def _is_int(value) -> bool:
@@ -134,14 +117,31 @@ class MobileBackbone(BaseModule):
 
     # -- construction helpers -----------------------------------------------------------------
     def _resolve_arch(self, arch: Union[str, dict]) -> dict:
-        resolved = resolve_arch(arch, self.arch_settings, self.family)
-        problems = self._arch_problems(resolved)
+        """A copy of the arch dict named by ``arch``, or ``arch`` itself once checked: its key
+        names, the number and type of its entries, then the family's rules
+        (:meth:`_arch_problems`)."""
+        if isinstance(arch, str):
+            name = arch.lower()
+            if name not in self.arch_settings:
+                raise ValueError(f'unknown {self.family} arch {arch!r}; choose one of '
+                                 f'{sorted(self.arch_settings)} or pass a dict')
+            return dict(self.arch_settings[name], name=name)
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a name or a dict, got {type(arch).__name__}')
+        reference = next(iter(self.arch_settings.values()))
+        missing = sorted(set(reference) - set(arch))
+        unknown = sorted(set(arch) - set(reference) - {'name'})
+        if missing or unknown:
+            raise ValueError(f'custom {self.family} arch: missing keys {missing}, unknown keys '
+                             f'{unknown}; expected exactly {sorted(reference)}')
+        # The family's rules assume well-formed entries, so they run only on those.
+        problems = _entry_problems(arch, reference) or self._arch_problems(arch)
         if problems:
             raise ValueError(f'custom {self.family} arch: ' + '; '.join(problems))
-        return resolved
+        return dict(arch, name=arch.get('name', 'custom'))
 
     def _arch_problems(self, arch: dict) -> List[str]:
-        """What would make a custom arch (keys and entry counts already checked) build a
+        """What would make a custom arch (keys and entry types already checked) build a
         network other than the one described, or fail later in forward; [] if nothing.
         Families add their own checks to these."""
         if arch['widths'][0] % self.stem_divisor:
