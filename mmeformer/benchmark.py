@@ -178,8 +178,8 @@ def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
         elif runtime == 'onnxruntime':
             import onnxruntime as ort
             path = os.path.join(workdir, f'{variant}_{size[0]}x{size[1]}.onnx')
-            fused = fuse(copy.deepcopy(base), input_size=size)
-            export_onnx(fused, path, size, dynamic=False)
+            # export_onnx freezes the attention biases of the size itself.
+            export_onnx(fuse(copy.deepcopy(base)), path, size, dynamic=False)
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             # ONNX Runtime's idle threads spin by default; timed in rounds with the other

@@ -6,7 +6,7 @@ training-only paths (stochastic depth, gradient checkpointing) and, when given a
 freezes the attention biases of that size into buffers so that an exported graph contains no
 gather or bicubic resize. Outputs equal the unfused model's up to float rounding.
 """
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -62,12 +62,20 @@ def fuse(model: nn.Module, input_size: Optional[Tuple[int, int]] = None) -> nn.M
     return model
 
 
-@torch.no_grad()
-def freeze_attention_biases(model: nn.Module, input_size: Tuple[int, int]) -> None:
-    """Precompute every attention bias needed at ``input_size`` and keep it as a buffer."""
+def unfreeze_attention_biases(model: nn.Module) -> List[RelativeBiasAttention]:
+    """Drop every frozen attention bias of ``model`` (each size then computes and caches its
+    own again); returns the attention modules."""
     attentions = [m for m in model.modules() if isinstance(m, RelativeBiasAttention)]
     for attn in attentions:
         attn.unfreeze_bias()
+    return attentions
+
+
+@torch.no_grad()
+def freeze_attention_biases(model: nn.Module, input_size: Tuple[int, int]) -> None:
+    """Precompute every attention bias needed at ``input_size`` and keep it as a buffer."""
+    attentions = unfreeze_attention_biases(model)
+    for attn in attentions:
         attn.record_bias_sizes = True
     try:
         param = next(model.parameters())

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .deploy import freeze_attention_biases
-from .models.layers import RelativeBiasAttention
+from .deploy import freeze_attention_biases, unfreeze_attention_biases
 
 FAMILY_PREFIXES = {'efficientformer_': 'EfficientFormer', 'efficientformerv2_': 'EfficientFormerV2',
                    'efficientvit_': 'EfficientViT'}
@@ -100,9 +99,7 @@ def set_attention_biases_for_export(model: nn.Module, shape: Tuple[int, int],
     needs its own. Outputs do not change: frozen biases are a cache."""
     model.eval()
     if dynamic:
-        for module in model.modules():
-            if isinstance(module, RelativeBiasAttention):
-                module.unfreeze_bias()
+        unfreeze_attention_biases(model)
     else:
         freeze_attention_biases(model, shape)
 
