@@ -388,3 +388,37 @@ def test_torch_compile_captures_one_graph(cls):
             assert explanation.graph_count == 1
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize('act', [None, 'gelu', 'gelu_tanh', 'relu'])
+def test_fused_onednn_kernels_equal_the_plain_ops(act):
+    """CPU inference runs GEMMs of enough rows and convs followed by an activation through
+    oneDNN's fused kernels; they give the plain ops' numbers, activation variant included."""
+    import torch.nn as nn
+    from torch.profiler import profile
+
+    from mmeformer.models.layers import (_ONEDNN_MIN_LINEAR_ROWS, GELU, conv2d, linear,
+                                         onednn_fusion)
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, '_linear_pointwise')):
+        pytest.skip('this torch build has no oneDNN fused kernels')
+    act_module = {None: None, 'gelu': GELU(), 'gelu_tanh': GELU(approximate='tanh'),
+                  'relu': nn.ReLU()}[act]
+    torch.manual_seed(0)
+    pointwise, dense = nn.Conv2d(16, 24, 1), nn.Conv2d(16, 24, 3, padding=1)
+    side = math.isqrt(_ONEDNN_MIN_LINEAR_ROWS) + 1
+    x = torch.randn(1, 16, side, side).to(memory_format=torch.channels_last)
+    calls = [lambda: conv2d(pointwise, x, act=act_module),  # a GEMM on the NHWC view
+             lambda: linear(pointwise, x.permute(0, 2, 3, 1), act=act_module)]
+    if act is not None:  # a conv with nothing to fuse keeps torch's own kernel
+        calls.append(lambda: conv2d(dense, x, act=act_module))
+    with torch.no_grad():
+        with profile() as prof:
+            fused = [call() for call in calls]
+        with onednn_fusion(False):
+            plain = [call() for call in calls]
+    ran = {event.key for event in prof.key_averages()}
+    assert 'mkldnn::_linear_pointwise' in ran
+    assert (act is not None) == ('mkldnn::_convolution_pointwise' in ran)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
