@@ -279,9 +279,13 @@ class FoldsBatchNorm(nn.Module):
                 or not bn.track_running_stats or is_tracing()):
             return _apply_act(bn(conv2d(conv, x)), act)
         # num_batches_tracked: a training-mode forward updates the running statistics without
-        # moving their version counters, but it increments this counter in place.
-        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                   bn.num_batches_tracked)
+        # moving their version counters, but it increments this counter in place. Read from the
+        # modules' dicts: nn.Module.__getattr__ took more than half of this check's time (the
+        # check runs for every conv of every forward).
+        params, bn_params, bn_buffers = conv._parameters, bn._parameters, bn._buffers
+        tensors = (params['weight'], params.get('bias'), bn_params.get('weight'),
+                   bn_params.get('bias'), bn_buffers['running_mean'], bn_buffers['running_var'],
+                   bn_buffers.get('num_batches_tracked'))
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return _apply_act(bn(conv2d(conv, x)), act)
         if is_compiling():
