@@ -71,7 +71,7 @@ class CascadedGroupAttention(RelativeBiasAttention):
     Works on window tokens (windows, ws * ws, C): q, k and v are column slices of one GEMM's
     output that the batched matmuls read in place, and a head's output is the next head's input
     without a layout change; the convs run on channels-last views of the tokens. (On NCHW
-    windows the same attention took ~30% longer, mostly in per-head layout copies.)
+    windows, with per-head layout copies, M4's last-stage attention took 1.4x as long.)
     """
 
     def __init__(self, dim: int, num_heads: int, key_dim: int, window_size: int,
