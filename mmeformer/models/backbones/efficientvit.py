@@ -116,12 +116,11 @@ class LocalWindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, key_dim: int, window_size: int,
                  kernels: Sequence[int]):
         super().__init__()
-        self.window_size = window_size
         self.attn = CascadedGroupAttention(dim, num_heads, key_dim, window_size, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        ws = self.window_size
+        ws = self.attn.window_size  # one source: the attention views its tokens with it
         pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
         padded = is_tracing() or bool(pad_b or pad_r)
         x = x.permute(0, 2, 3, 1)  # NHWC: a view of a channels-last map
