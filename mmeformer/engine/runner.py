@@ -329,10 +329,23 @@ def build_runner(cfg: Config):
     return Runner.from_cfg(cfg)
 
 
+def _close_process_group() -> None:
+    """Destroy the default process group once a distributed run has finished. Left to
+    interpreter exit, gloo's worker threads can abort a rank with SIGABRT ('terminate called
+    without an active exception') after all its work is done, failing the launch (seen on
+    2-process CPU training; pytorch/pytorch#190489). Not called when the run raised: other
+    ranks may still be inside a collective."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def train(cfg: Config):
     """Train with ``cfg``; returns the (unwrapped) model."""
     runner = build_runner(cfg)
-    return runner.train()
+    model = runner.train()
+    _close_process_group()
+    return model
 
 
 def check_checkpoint_bias_mode(cfg: Config, checkpoint: dict, path: str) -> None:
@@ -385,4 +398,6 @@ def test(cfg: Config, checkpoint: str) -> Dict[str, float]:
     cfg.load_from = checkpoint
     cfg.resume = False
     runner = build_runner(cfg)
-    return runner.test()
+    metrics = runner.test()
+    _close_process_group()
+    return metrics
