@@ -423,3 +423,64 @@ def test_fused_onednn_kernels_equal_the_plain_ops(act):
     assert (act is not None) == ('mkldnn::_convolution_pointwise' in ran)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_wide_gemm_weights_are_packed_once_and_follow_changes():
+    """A GEMM of few rows with a wide, large weight runs through oneDNN on a copy of the weight
+    packed once; the copy follows in-place changes, and a narrower weight stays on F.linear."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.profiler import profile
+
+    from mmeformer.models import layers
+    if not layers._HAS_ONEDNN_POINTWISE:
+        pytest.skip('this torch build has no oneDNN fused kernels')
+    torch.manual_seed(0)
+    wide = nn.Linear(512, layers._ONEDNN_MIN_WEIGHT_ELEMENTS // 512)
+    narrow = nn.Linear(512, layers._ONEDNN_MIN_OUT_FEATURES - 64)
+    x = torch.randn(1, 49, 512)  # far fewer rows than _ONEDNN_MIN_LINEAR_ROWS
+    with torch.no_grad():
+        with profile() as prof:
+            out = layers.linear(wide, x)
+        assert 'mkldnn::_linear_pointwise' in {event.key for event in prof.key_averages()}
+        torch.testing.assert_close(out, F.linear(x, wide.weight, wide.bias))
+        packed = layers._onednn_weights[wide.weight][1]
+        layers.linear(wide, x)
+        assert layers._onednn_weights[wide.weight][1] is packed  # packed once
+        wide.weight.mul_(-2.)
+        torch.testing.assert_close(layers.linear(wide, x), F.linear(x, wide.weight, wide.bias))
+        with profile() as prof:
+            out = layers.linear(narrow, x)
+        assert 'mkldnn::_linear_pointwise' not in {event.key for event in prof.key_averages()}
+        assert narrow.weight not in layers._onednn_weights
+
+
+def test_packed_gemm_weights_are_dropped_with_the_eval_caches():
+    """Packed weights die with the folded weights they were made from, and ``eval()`` drops
+    those of the parameters: after a write through ``.data`` (which no version counter sees)
+    the model computes with the new values."""
+    import gc
+
+    from mmeformer.models import layers
+    if not layers._HAS_ONEDNN_POINTWISE:
+        pytest.skip('this torch build has no oneDNN fused kernels')
+    torch.manual_seed(0)
+    model = randomize_(EfficientFormer(arch='l1')).eval()
+    x = torch.randn(1, 3, 224, 224)
+    gc.collect()  # earlier tests' models, so that only this one's entries come and go
+    before = len(layers._onednn_weights)
+    with torch.no_grad():
+        model(x)
+        mlp_weight = model.stages[3].blocks[-1].mlp.fc1.weight  # a parameter, packed
+        assert mlp_weight in layers._onednn_weights
+        assert len(layers._onednn_weights) > before + 1  # folded 1x1 conv weights too
+        mlp_weight.data.mul_(-1.)
+        stale = model(x)
+        model.eval()
+        gc.collect()
+        assert len(layers._onednn_weights) == before
+        fresh = model(x)
+        with layers.onednn_fusion(False):
+            plain = model(x)
+    torch.testing.assert_close(fresh, plain, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(stale[-1], plain[-1], rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 NORM_LAYERS = {
     'BN': nn.BatchNorm2d,
@@ -188,10 +189,15 @@ def _onednn_post_op(act: Optional[nn.Module]) -> Optional[tuple]:
     return None
 
 
-# Below this many rows, oneDNN's per-call weight reorder costs more than the bias / activation
-# passes it saves: EfficientViT's 8x8 and 16x16 maps (64 / 256 rows) got slower on an Intel
-# Xeon; on an AMD EPYC the GEMMs of 1024-2048 rows ran 1.08-1.26x faster through oneDNN.
+# Which GEMMs run through oneDNN in CPU inference, on a weight packed once (_onednn_weight):
+# those of at least this many rows, and those with a wide, large weight, which MKL's sgemm
+# re-packs on every call. On a 2-core AMD EPYC, against F.linear: 16-294-row GEMMs with such
+# weights 1.13-1.64x; 1024-4704 rows 1.02-1.07x over oneDNN with the per-call weight reorder.
+# A oneDNN call costs about 50 us whatever its size, so smaller weights (EfficientViT-M0's
+# 128 -> 512 at 49 rows: 0.7x) and narrower outputs (96-192) stay on F.linear.
 _ONEDNN_MIN_LINEAR_ROWS = 1024
+_ONEDNN_MIN_OUT_FEATURES = 256
+_ONEDNN_MIN_WEIGHT_ELEMENTS = 1 << 17
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _HAS_ONEDNN_POINTWISE = (torch.backends.mkldnn.is_available()
                          and hasattr(torch.ops.mkldnn, '_linear_pointwise')
@@ -222,19 +228,51 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not is_compiling() and not torch.is_autocast_enabled('cpu'))
 
 
+# Packed copies of GEMM weights, keyed on the weight tensor itself: an entry dies with its
+# tensor (a folded weight dropped from its fold cache) and is rebuilt when the tensor's storage
+# or in-place version changes; MobileBackbone.train() drops those of its parameters.
+_onednn_weights = WeakIdKeyDictionary()
+
+
+def _onednn_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in, 1, 1) or (out, in) in oneDNN's blocked GEMM layout, packed once:
+    oneDNN otherwise reorders it on every call (the cost that kept small GEMMs on F.linear)."""
+    state = _tensor_state(weight)
+    entry = _onednn_weights.get(weight)
+    if entry is None or entry[0] != state:
+        entry = (state, torch.ops.mkldnn._reorder_linear_weight(weight.detach().flatten(1), None))
+        _onednn_weights[weight] = entry
+    return entry[1]
+
+
+def forget_onednn_weights(module: nn.Module) -> None:
+    """Drop the packed copies of ``module``'s parameters (after changes no version counter
+    records: writes through ``.data``, edits of inference tensors)."""
+    for param in module.parameters():
+        _onednn_weights.pop(param, None)
+
+
+def _onednn_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the GEMM of ``x`` (rows x in) with ``weight`` goes through oneDNN (see
+    ``_ONEDNN_MIN_LINEAR_ROWS``)."""
+    out_features, weight_elements = weight.shape[0], weight.numel()
+    return (x.numel() >= _ONEDNN_MIN_LINEAR_ROWS * x.shape[-1]
+            or (out_features >= _ONEDNN_MIN_OUT_FEATURES
+                and weight_elements >= _ONEDNN_MIN_WEIGHT_ELEMENTS)) and _onednn_applies(x, weight)
+
+
 def linear(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
            bias: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None) -> torch.Tensor:
-    """``act(F.linear(x, weight, bias))`` (``layer``'s parameters unless given). In CPU
-    inference one oneDNN call adds the bias and applies ``act`` inside the GEMM: torch's addmm
-    first copies the bias over the whole output, and the activation is one more pass."""
+    """``act(F.linear(x, weight, bias))`` (``layer``'s parameters unless given; a 1x1 conv
+    weight is taken as its matrix). In CPU inference one oneDNN call on a packed copy of the
+    weight adds the bias and applies ``act`` inside the GEMM: torch's addmm first copies the
+    bias over the whole output, and the activation is one more pass."""
     if weight is None:
         weight, bias = layer.weight, layer.bias
-    weight = weight.flatten(1)
     post_op = _onednn_post_op(act)
-    if (post_op is not None and x.numel() >= _ONEDNN_MIN_LINEAR_ROWS * x.shape[-1]
-            and _onednn_applies(x, weight)):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *post_op)
-    return _apply_act(F.linear(x, weight, bias), act)
+    if post_op is not None and _onednn_gemm(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, _onednn_weight(weight), bias, *post_op)
+    return _apply_act(F.linear(x, weight.flatten(1), bias), act)
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = None,

@@ -11,7 +11,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import BIAS_MODES, build_norm, is_tracing
+from ..layers import BIAS_MODES, build_norm, forget_onednn_weights, is_tracing
 
 MIN_INPUT_SIZE = 32
 
@@ -302,6 +302,7 @@ class MobileBackbone(BaseModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
+        forget_onednn_weights(self)  # like the eval caches (see FoldsBatchNorm)
         self._freeze_stages()
         if mode and self.norm_eval:
             for module in self.modules():

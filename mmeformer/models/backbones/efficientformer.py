@@ -38,11 +38,11 @@ class Attention(RelativeBiasAttention):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         b, n, _ = x.shape
         # Per head the projection is laid out as [q | k | v].
-        qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+        qkv = linear(self.qkv, x).view(b, n, self.num_heads, -1).transpose(1, 2)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=-1)
         bias = self.attention_bias(hw, hw).to(q.dtype)
         x = softmax_attention(q, k, v, self.key_dim ** -0.5, bias)
-        return self.proj(x.transpose(1, 2).reshape(b, n, -1))
+        return linear(self.proj, x.transpose(1, 2).reshape(b, n, -1))
 
 
 class PoolMlp(FoldsBatchNorm):
