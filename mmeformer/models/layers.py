@@ -255,10 +255,10 @@ def forget_onednn_weights(module: nn.Module) -> None:
 def _onednn_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the GEMM of ``x`` (rows x in) with ``weight`` goes through oneDNN (see
     ``_ONEDNN_MIN_LINEAR_ROWS``)."""
-    out_features, weight_elements = weight.shape[0], weight.numel()
-    return (x.numel() >= _ONEDNN_MIN_LINEAR_ROWS * x.shape[-1]
-            or (out_features >= _ONEDNN_MIN_OUT_FEATURES
-                and weight_elements >= _ONEDNN_MIN_WEIGHT_ELEMENTS)) and _onednn_applies(x, weight)
+    wide_weight = (weight.shape[0] >= _ONEDNN_MIN_OUT_FEATURES
+                   and weight.numel() >= _ONEDNN_MIN_WEIGHT_ELEMENTS)
+    return ((wide_weight or x.numel() >= _ONEDNN_MIN_LINEAR_ROWS * x.shape[-1])
+            and _onednn_applies(x, weight))
 
 
 def linear(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
