@@ -173,6 +173,31 @@ def test_query_chunked_inference_equals_the_full_maps(cls, monkeypatch):
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+@pytest.mark.parametrize('per_head', [False, True])
+def test_chunked_softmax_attention_equals_the_formula(per_head, monkeypatch):
+    """In inference, softmax_attention runs query chunks of all heads, or one head at a time
+    when such chunks would have fewer than MIN_CHUNK_ROWS rows; both paths (with and without a
+    bias, on a strided head view as EfficientFormer passes) equal the written-out formula."""
+    from mmeformer.models import layers
+    torch.manual_seed(0)
+    q = torch.randn(2, 50, 3, 8).transpose(1, 2)  # a (B, heads, N, d) strided view
+    k, v = torch.randn(2, 3, 70, 8), torch.randn(2, 3, 70, 12)
+    bias = torch.randn(3, 50, 70)
+    logits = q @ k.transpose(-2, -1) * 0.3
+    monkeypatch.setattr(layers, 'QUERY_CHUNK_ELEMENTS', 1)  # chunks of 13 query rows
+    monkeypatch.setattr(layers, 'MIN_CHUNK_ROWS', 14 if per_head else 13)
+    per_head_calls, per_head_attention = [], layers._per_head_attention
+    monkeypatch.setattr(layers, '_per_head_attention',
+                        lambda *args: per_head_calls.append(1) or per_head_attention(*args))
+    with torch.no_grad():
+        assert [c.stop - c.start for c in layers.query_chunks(50, 3, 70)] == [13, 13, 13, 11]
+        with_bias = layers.softmax_attention(q, k, v, 0.3, bias)
+        without_bias = layers.softmax_attention(q, k, v, 0.3)
+    assert len(per_head_calls) == (2 if per_head else 0)
+    torch.testing.assert_close(with_bias, (logits + bias).softmax(-1) @ v)
+    torch.testing.assert_close(without_bias, logits.softmax(-1) @ v)
+
+
 def test_v2_training_saves_no_bias_sized_tensors():
     """Training saves for backward only the attention maps the math needs (per talking-head
     attention: the logits for talking head 1's weight gradient, the softmax output and the map

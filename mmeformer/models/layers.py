@@ -473,13 +473,14 @@ QUERY_CHUNK_ELEMENTS = 1 << 20
 
 
 def query_chunks(num_queries: int, heads: int, num_keys: int) -> List[Optional[slice]]:
-    """Slices of the query axis for chunked inference; ``[None]`` (all queries at once) while
-    autograd records (the full maps are saved for backward anyway), while tracing (shapes must
-    stay symbolic), under torch.compile (inductor fuses the map's passes itself) or when one
-    chunk holds them all."""
+    """Slices of the query axis for chunked inference, of near-equal sizes; ``[None]`` (all
+    queries at once) while autograd records (the full maps are saved for backward anyway),
+    while tracing (shapes must stay symbolic), under torch.compile (inductor fuses the map's
+    passes itself) or when one chunk holds them all."""
     rows = max(16, QUERY_CHUNK_ELEMENTS // max(1, heads * num_keys))
     if torch.is_grad_enabled() or is_tracing() or is_compiling() or rows >= num_queries:
         return [None]
+    rows = -(-num_queries // -(-num_queries // rows))
     return [slice(start, min(start + rows, num_queries))
             for start in range(0, num_queries, rows)]
 
@@ -489,10 +490,17 @@ def query_rows(t: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
     return t if rows is None else t[..., rows, :]
 
 
+# Query rows below which a chunk's GEMMs are dominated by packing the (Nk, d) key / value
+# operand again for every chunk: (31 x 4200) @ (4200 x 64) ran at 63 GFLOP/s against 124 for
+# 250 rows (2-core EPYC, V2's downsample attention at 800x1344).
+MIN_CHUNK_ROWS = 128
+
+
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``softmax(q k^T * scale + bias) v`` for (..., heads, N, d) inputs and a (heads, Nq, Nk)
-    bias, query chunk by query chunk in inference (see :func:`query_chunks`).
+    bias, query chunk by query chunk in inference (see :func:`query_chunks`); one head at a
+    time when a chunk of all heads would have fewer than ``MIN_CHUNK_ROWS`` query rows.
 
     Written out rather than through ``scaled_dot_product_attention``: with key_dim != value_dim
     (all three families) the CPU fused kernels do not apply and the math fallback adds several
@@ -501,13 +509,35 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     # Contiguous (..., N, d) operands: bmm on the strided head views of channels-last maps is
     # 2-3x slower than the copies cost (measured on CPU for every attention size here).
     q, kt, v = (q * scale).contiguous(), k.contiguous().transpose(-2, -1), v.contiguous()
+    heads = q.shape[-3] if q.dim() > 2 else 1
+    chunks = query_chunks(q.shape[-2], heads, k.shape[-2])
+    if chunks[0] is not None and chunks[0].stop - chunks[0].start < MIN_CHUNK_ROWS:
+        return _per_head_attention(q, kt, v, bias)
     outs = []
-    for rows in query_chunks(q.shape[-2], q.shape[-3] if q.dim() > 2 else 1, k.shape[-2]):
+    for rows in chunks:
         attn = torch.matmul(query_rows(q, rows), kt)
         if bias is not None:
             attn = attn.add_(query_rows(bias, rows))  # in place: not needed for the backward
         outs.append(torch.matmul(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+def _per_head_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`softmax_attention` (inference) one (batch, head) at a time: with the whole chunk
+    budget for one head, its GEMMs get several times more query rows."""
+    num_queries = q.shape[-2]
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    q_, kt_, v_, out_ = (t.reshape((-1, ) + t.shape[-2:]) for t in (q, kt, v, out))
+    heads = bias.shape[-3] if bias is not None else 1
+    for i in range(q_.shape[0]):
+        for rows in query_chunks(num_queries, 1, kt_.shape[-1]):
+            attn = torch.mm(query_rows(q_[i], rows), kt_[i])
+            if bias is not None:
+                attn = attn.add_(query_rows(bias[i % heads], rows))
+            out_[i][rows if rows is not None else slice(None)] = torch.mm(
+                attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v_[i])
+    return out
 
 
 BIAS_MODES = ('table', 'official')
