@@ -68,27 +68,38 @@ def test_v2_downsample_official_bias_matches_reference(key_hw):
     torch.testing.assert_close(attn.attention_bias(q_hw, key_hw), expected, rtol=0, atol=1e-6)
 
 
-def test_table_mode_at_224_is_the_classification_gather():
+# The gather runs by advanced indexing while autograd records (its backward stays small) and
+# by a gather from a broadcast view otherwise: both are checked.
+@pytest.mark.parametrize('grad', [True, False])
+def test_table_mode_at_224_is_the_classification_gather(grad):
     model = EfficientFormerV2('s0').eval()
     for attn, (q, k, step) in [(model.stages[3].blocks[2].token_mixer, (7, 7, 1)),
                                (model.stages[3].downsample.attn, (7, 14, 2))]:
         torch.nn.init.normal_(attn.attention_biases)
         idx = first_appearance_index(q, k, step)
-        assert torch.equal(attn.relative_bias((q, q), (k, k)),
-                           attn.attention_biases.detach()[:, idx])
+        with torch.set_grad_enabled(grad):
+            bias = attn.relative_bias((q, q), (k, k))
+        assert bias.requires_grad == grad
+        assert torch.equal(bias, attn.attention_biases.detach()[:, idx])
 
 
-def test_table_mode_resizes_the_table_to_the_grid():
+@pytest.mark.parametrize('grad', [True, False])
+@pytest.mark.parametrize('query_hw, key_hw, step', [((4, 10), (4, 10), 1), ((3, 5), (5, 9), 2)])
+def test_table_mode_resizes_the_table_to_the_grid(grad, query_hw, key_hw, step):
     model = EfficientFormer('l1').eval()
     attn = first_attention(model)
     torch.nn.init.normal_(attn.attention_biases)
-    hw = (4, 10)
-    table = F.interpolate(attn.attention_biases.detach().view(1, 8, 7, 7), size=hw,
+    attn.query_step = step  # V2's downsample attention: queries on every other key point
+    table = F.interpolate(attn.attention_biases.detach().view(1, 8, 7, 7), size=key_hw,
                           mode='bicubic', align_corners=False)[0]
-    points = list(itertools.product(range(hw[0]), range(hw[1])))
-    expected = torch.stack([torch.stack([table[:, abs(a[0] - b[0]), abs(a[1] - b[1])]
-                                         for b in points], dim=-1) for a in points], dim=1)
-    torch.testing.assert_close(attn.attention_bias(hw, hw), expected, rtol=0, atol=0)
+    queries = list(itertools.product(range(query_hw[0]), range(query_hw[1])))
+    keys = list(itertools.product(range(key_hw[0]), range(key_hw[1])))
+    expected = torch.stack([
+        torch.stack([table[:, abs(a[0] * step - b[0]), abs(a[1] * step - b[1])] for b in keys],
+                    dim=-1) for a in queries], dim=1)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(attn.attention_bias(query_hw, key_hw), expected, rtol=0,
+                                   atol=0)
 
 
 def test_bias_cache_never_goes_stale():
@@ -113,6 +124,34 @@ def test_bias_cache_never_goes_stale():
     bias = attn.attention_bias(hw, hw)
     assert bias.requires_grad  # training: recomputed with gradient, not cached
     assert attn._bias_cache == {}
+
+
+def test_bias_cache_keeps_the_most_recently_used_sizes_within_its_budget(monkeypatch):
+    from mmeformer.models import layers
+    attn = first_attention(EfficientFormer('l1').eval())
+    bias_bytes = {n: 8 * (n * n) ** 2 * 4 for n in (4, 5, 6)}  # (heads, n * n, n * n) float32
+
+    def cached():
+        return [key[0] for key in attn._bias_cache]  # the query grids
+
+    def bias(n):
+        return attn.attention_bias((n, n), (n, n))
+
+    monkeypatch.setattr(layers, '_MAX_CACHED_BIASES', 2)
+    with torch.no_grad():
+        first = bias(4)
+        bias(5)
+        assert bias(4) is first and cached() == [(5, 5), (4, 4)]  # a hit is the most recent
+        bias(6)
+        assert cached() == [(4, 4), (6, 6)]  # the least recently used went
+        monkeypatch.setattr(layers, '_MAX_CACHED_BIASES', 8)
+        monkeypatch.setattr(layers, '_MAX_CACHED_BIAS_BYTES', bias_bytes[4] + bias_bytes[5])
+        bias(5)
+        assert cached() == [(5, 5)]  # 4, 6 and 5 exceed the bytes, and so do 6 and 5
+        bias(4)
+        assert cached() == [(5, 5), (4, 4)]  # within the bytes
+        bias(6)
+        assert cached() == [(6, 6)]  # alone above the bytes: the newest is always kept
 
 
 def test_model_built_under_inference_mode_runs():

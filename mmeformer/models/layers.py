@@ -8,7 +8,7 @@ offset (|dy|, |dx|) between a query and a key; :class:`RelativeBiasAttention` ow
 import contextlib
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -446,10 +446,19 @@ def gather_offset_bias(grid: torch.Tensor, query_size: Tuple[int, int],
     output is the only tensor of that size.
     """
     (hq, wq), (hk, wk) = query_size, key_size
+    heads = grid.shape[0]
     dy = axis_offsets(hq, hk, query_step, grid.device)
     dx = axis_offsets(wq, wk, query_step, grid.device)
-    bias = grid[:, dy[:, None, :, None], dx[None, :, None, :]]  # (heads, hq, wq, hk, wk)
-    return bias.reshape(grid.shape[0], hq * wq, hk * wk)
+    if is_tracing() or (torch.is_grad_enabled() and grid.requires_grad):
+        # Advanced indexing: its backward accumulates into the small grid.
+        bias = grid[:, dy[:, None, :, None], dx[None, :, None, :]]  # (heads, hq, wq, hk, wk)
+    else:
+        # The rows at the y offsets (small), then one gather along x from a broadcast view:
+        # 4-5x faster than advanced indexing (60 -> 12 ms for V2's downsample at 800x1344).
+        rows = grid[:, dy]  # (heads, hq, hk, Gx)
+        bias = rows[:, :, None].expand(heads, hq, wq, hk, rows.shape[-1]).gather(
+            -1, dx[None, None, :, None].expand(heads, hq, wq, hk, wk))
+    return bias.reshape(heads, hq * wq, hk * wk)
 
 
 def is_tracing() -> bool:
@@ -541,7 +550,11 @@ def _per_head_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
 
 
 BIAS_MODES = ('table', 'official')
+# Per attention module: the most recently used biases, at most this many grid sizes and bytes
+# (the newest is always kept). Detection inputs come in many sizes, and one (heads, Nq, Nk) bias
+# at 800x1344 takes 34-135 MB.
 _MAX_CACHED_BIASES = 8
+_MAX_CACHED_BIAS_BYTES = 128 << 20
 
 
 class RelativeBiasAttention(nn.Module):
@@ -558,7 +571,8 @@ class RelativeBiasAttention(nn.Module):
       bicubically to (Nq, Nk). Needed only to reproduce the released COCO / ADE20K weights.
 
     In eval, when no gradient can flow into the bias, results are cached per (grid sizes,
-    device, dtype, versions of the table and of any other input of the bias); the cache is
+    device, dtype, versions of the table and of any other input of the bias), the most recently
+    used first, up to 8 grid sizes and 128 MiB per module (the newest always); the cache is
     dropped on ``train()`` / ``eval()``, ``_apply`` (``.to()``, ``.half()``, ...) and
     ``load_state_dict``. As with :class:`FoldsBatchNorm`, call ``model.eval()`` after writes
     through ``.data`` or edits of inference tensors, which no version counter records.
@@ -624,12 +638,15 @@ class RelativeBiasAttention(nn.Module):
             return self._compute_bias(tuple(query_size), tuple(key_size))
         key = (tuple(query_size), tuple(key_size), table.device, table.dtype,
                tuple(_tensor_state(t) for t in self._bias_inputs()))
-        bias = self._bias_cache.get(key)
+        bias = self._bias_cache.pop(key, None)
         if bias is None:
             bias = self._compute_bias(tuple(query_size), tuple(key_size)).detach()
-            if len(self._bias_cache) >= _MAX_CACHED_BIASES:
-                self._bias_cache.pop(next(iter(self._bias_cache)))
-            self._bias_cache[key] = bias
+        self._bias_cache[key] = bias  # the least recently used come first
+        cached_bytes = sum(b.numel() * b.element_size() for b in self._bias_cache.values())
+        while len(self._bias_cache) > 1 and (len(self._bias_cache) > _MAX_CACHED_BIASES
+                                             or cached_bytes > _MAX_CACHED_BIAS_BYTES):
+            oldest = self._bias_cache.pop(next(iter(self._bias_cache)))
+            cached_bytes -= oldest.numel() * oldest.element_size()
         return bias
 
     def bias_is_constant(self) -> bool:
@@ -654,20 +671,26 @@ class RelativeBiasAttention(nn.Module):
         bias before use (talking heads) override this and :meth:`_bias_inputs`."""
         return self._relative_bias(query_size, key_size)
 
-    def _relative_bias(self, query_size, key_size) -> torch.Tensor:
+    def _relative_bias(self, query_size, key_size,
+                       head_map: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                       ) -> torch.Tensor:
+        """The bias for these grids, with ``head_map`` (an affine map across heads: talking
+        head 1) applied to the small per-head table before its expansion to (Nq, Nk): gathering
+        and resizing act on each head alone and keep constants, so the order does not matter."""
         table = self.attention_biases
         heads, side = table.shape[0], self.table_size
+        head_map = head_map if head_map is not None else (lambda t: t)
         if self.bias_mode == 'table':
             grid = table.view(1, heads, side, side)
             if is_tracing() or tuple(key_size) != (side, side):
                 grid = F.interpolate(grid.float(), size=key_size, mode='bicubic',
                                      align_corners=False).to(table.dtype)
-            return gather_offset_bias(grid[0], query_size, key_size, self.query_step)
+            return gather_offset_bias(head_map(grid[0]), query_size, key_size, self.query_step)
         # 'official': gather the reference matrix, then resize the matrix itself.
         ref_q = math.ceil(side / self.query_step)
         step = math.ceil(side / ref_q)
-        bias = gather_offset_bias(table.view(heads, side, side), (ref_q, ref_q), (side, side),
-                                  step)
+        bias = head_map(gather_offset_bias(table.view(heads, side, side), (ref_q, ref_q),
+                                           (side, side), step))
         n_q, n_k = query_size[0] * query_size[1], key_size[0] * key_size[1]
         return F.interpolate(bias[None].float(), size=(n_q, n_k), mode='bicubic',
                              align_corners=False)[0].to(table.dtype)

@@ -80,10 +80,14 @@ class Attention4D(RelativeBiasAttention):
         return (self.attention_biases, self.talking_head1.weight, self.talking_head1.bias)
 
     def _compute_bias(self, query_size, key_size) -> torch.Tensor:
-        """The bias after talking head 1: ``W1 B + b1``."""
-        bias = self._relative_bias(query_size, key_size)[None]
-        bias = _mix_heads(self.talking_head1.weight, bias)
-        return bias[0] + self.talking_head1.bias.view(-1, 1, 1)
+        """The bias after talking head 1: ``W1 B + b1`` (applied to the table, before its
+        expansion)."""
+        return self._relative_bias(query_size, key_size, self._talking_head1)
+
+    def _talking_head1(self, per_head: torch.Tensor) -> torch.Tensor:
+        """Talking head 1 on a (heads, ...) tensor."""
+        mixed = _mix_heads(self.talking_head1.weight, per_head[None])[0]
+        return mixed + self.talking_head1.bias.view((-1, ) + (1, ) * (per_head.dim() - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full_size = x.shape[-2:]
