@@ -5,14 +5,17 @@ measured in the same run. Reference implementations (timm, and
 :mod:`mmeformer.official_reference` standing in for the official dense code) can be timed
 alongside (``compare=True``); all candidates of one setting run in interleaved rounds.
 :func:`profile` shows where a CPU forward's time goes: inside the attention modules against the
-rest of the network, and per aten op.
+rest of the network, and per aten op. :func:`size_stream` times a stream of detection test sizes,
+as an evaluation feeds them.
 """
 import copy
 import csv
 import functools
 import json
 import os
+import math
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -255,6 +258,120 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAU
                 progress(f'[{index}/{len(plan)}] {variant} {size[0]}x{size[1]} b{batch} '
                          f'{impl}/{runtime}: {median:.1f} ms (p90 {p90:.1f})')
     return report
+
+
+# -- a stream of detection test sizes --------------------------------------------------------
+def detection_test_sizes(count: int, seed: int = 0, scale: Tuple[int, int] = (1333, 800),
+                         divisor: int = 32) -> List[Tuple[int, int]]:
+    """``count`` (H, W) inputs as an mmdet test pipeline makes them from photos (keep-ratio
+    resize to fit ``scale``, padded to a multiple of ``divisor``). The photos: half 480x640; the
+    others 640 px on the long side and 300-640 px on the short one, 30% of them portrait.
+    Seeded, so every run times the same stream."""
+    rng = random.Random(seed)
+    sizes = []
+    for _ in range(count):
+        if rng.random() < 0.5:
+            h, w = 480, 640
+        else:
+            short = rng.randint(300, 640)
+            h, w = (short, 640) if rng.random() < 0.7 else (640, short)
+        factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+        sizes.append(tuple(math.ceil(round(v * factor) / divisor) * divisor for v in (h, w)))
+    return sizes
+
+
+def bias_cache_bytes(model) -> Optional[int]:
+    """Bytes of the attention biases cached in ``model``'s modules; None where it has none."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    caches = [m._bias_cache for m in model.modules()
+              if isinstance(getattr(m, '_bias_cache', None), dict)]
+    if not caches:
+        return None
+    return sum(t.numel() * t.element_size() for cache in caches for t in cache.values())
+
+
+@dataclass
+class StreamResult:
+    variant: str
+    implementation: str
+    runtime: str
+    images: int
+    distinct_sizes: int
+    mean_ms: float
+    median_ms: float
+    p90_ms: float
+    bias_cache_mb: Optional[float]
+    note: str = ''
+
+
+def size_stream(variants: Sequence[str], count: int, runtimes: Sequence[str] = ('eager', ),
+                compare: bool = False, threads: int = 2, warmup: int = 1,
+                keep_memory: bool = True,
+                progress: Callable = print) -> Tuple[Dict, List[StreamResult]]:
+    """CPU fp32 eval forwards, batch 1, over one stream of :func:`detection_test_sizes`, each
+    image through every candidate in turn (the candidates of :func:`run`; runtimes eager and
+    fused only: the others are built for one size). A fixed-size benchmark never pays for a new
+    input size; an evaluation does whenever a size is not in the attention-bias caches. Also
+    reports the bytes those caches hold at the end."""
+    unknown = [r for r in runtimes if r not in ('eager', 'fused')]
+    if unknown:
+        raise ValueError(f'a size stream times the eager and fused runtimes only, not {unknown}')
+    if keep_memory:
+        keep_freed_memory()
+    torch.set_num_threads(threads)
+    sizes = detection_test_sizes(count)
+    results = []
+    with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
+        for variant in variants:
+            base = build_model(variant)
+            items = candidates(variant, base, sizes[0], runtimes, compare, workdir)
+            first = torch.randn(1, 3, *sizes[0])
+            for _, _, fn, _ in items:
+                for _ in range(warmup):
+                    fn(first)
+            times = [[] for _ in items]
+            for index, size in enumerate(sizes, 1):
+                x = torch.randn(1, 3, *size)
+                for timed, (_, _, fn, _) in zip(times, items):
+                    start = time.perf_counter()
+                    fn(x)
+                    timed.append((time.perf_counter() - start) * 1e3)
+                progress(f'{variant} image {index}/{count} {size[0]}x{size[1]}: ' + ', '.join(
+                    f'{impl}/{runtime} {t[-1]:.1f} ms'
+                    for t, (impl, runtime, _, _) in zip(times, items)))
+            for timed, (impl, runtime, fn, note) in zip(times, items):
+                median, p90 = _median_p90(timed)
+                cached = bias_cache_bytes(fn)
+                results.append(StreamResult(
+                    variant, impl, runtime, count, len(set(sizes)),
+                    round(statistics.fmean(timed), 2), round(median, 2), round(p90, 2),
+                    None if cached is None else round(cached / 2**20, 1), note))
+    return environment('cpu', threads), results
+
+
+def size_stream_markdown(env: Dict, results: Sequence[StreamResult]) -> str:
+    lines = [f"Machine: {env['cpu']}, {env['threads']} threads, torch {env['torch']}; "
+             f"{env.get('allocator', 'allocator not recorded')}.", '',
+             '| variant | implementation | runtime | images (sizes) | mean ms | median ms | '
+             'p90 ms | bias cache MB at the end |', '|---|---|---|---|---|---|---|---|']
+    for r in results:
+        cache = '-' if r.bias_cache_mb is None else f'{r.bias_cache_mb:.1f}'
+        lines.append(f'| {r.variant} | {r.implementation} | {r.runtime} | {r.images} '
+                     f'({r.distinct_sizes}) | {r.mean_ms:.1f} | {r.median_ms:.1f} | '
+                     f'{r.p90_ms:.1f} | {cache} |')
+    index = {(r.variant, r.implementation, r.runtime): r for r in results}
+    ratios = []
+    for variant in dict.fromkeys(r.variant for r in results):
+        for fast, slow in RATIO_PAIRS:
+            a, b = index.get((variant, *fast)), index.get((variant, *slow))
+            if a is not None and b is not None:
+                ratios.append(f'- {variant}: {"/".join(fast)} is {b.mean_ms / a.mean_ms:.2f}x '
+                              f'faster than {"/".join(slow)} (mean {b.mean_ms:.1f} -> '
+                              f'{a.mean_ms:.1f} ms per image)')
+    if ratios:
+        lines += ['', 'Ratios in this run (mean time per image):'] + ratios
+    return '\n'.join(lines) + '\n'
 
 
 # -- where the time goes --------------------------------------------------------------------

@@ -212,3 +212,36 @@ def test_benchmark_times_candidates_in_interleaved_rounds():
     assert calls == ['a', 'a', 'b', 'b'] + ['a', 'b'] * 3
     assert set(results) == {'a', 'b'}
     assert all(0 <= median <= p90 for median, p90 in results.values())
+
+
+def test_detection_test_sizes_are_what_a_keep_ratio_test_pipeline_feeds():
+    from mmeformer.benchmark import detection_test_sizes
+    sizes = detection_test_sizes(200)
+    assert sizes == detection_test_sizes(200)  # seeded: every run times the same stream
+    assert (800, 1088) in sizes  # a 480x640 photo: x5/3 -> 800x1067, padded to 32
+    for h, w in sizes:
+        assert h % 32 == 0 and w % 32 == 0
+        assert min(h, w) <= 800 and max(h, w) <= 1344  # within 1333x800 before the padding
+        assert min(h, w) == 800 or max(h, w) == 1344  # and touching one of its sides
+    assert 20 < len(set(sizes)) < 100 and any(h > w for h, w in sizes)
+
+
+def test_benchmark_size_stream_reports_time_per_image_and_cached_biases(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--size-stream',
+                           '3', '--variants', 'efficientformerv2_s0', '--runtimes', 'eager',
+                           'fused', '--out', str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / 'size_stream.json').read_text())['results']
+    assert [(r['implementation'], r['runtime']) for r in results] == [
+        ('mmeformer', 'eager'), ('mmeformer', 'fused')]
+    for r in results:
+        assert r['images'] == 3 and r['distinct_sizes'] == 3
+        assert 0 < r['median_ms'] <= r['p90_ms'] and r['mean_ms'] > 0
+        # Five attention modules, each caching the biases of the three sizes (at most 128 MiB).
+        assert 0 < r['bias_cache_mb'] <= 5 * 128
+    assert '| efficientformerv2_s0 | mmeformer | fused | 3 (3) |' in \
+        (tmp_path / 'size_stream.md').read_text()
+    rejected = subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'),
+                               '--size-stream', '3', '--runtimes', 'onnxruntime'],
+                              capture_output=True, text=True)
+    assert rejected.returncode == 2 and 'eager and fused runtimes only' in rejected.stderr

@@ -18,6 +18,12 @@ attention modules (those owning an attention-bias table) against the rest of the
 the time inside each aten op, for mmeformer and, with --compare, the references. Ops that
 multiply matrices (GEMMs, convolutions) also get their GFLOP/s, against the fp32 matmul
 throughput measured at the start of the run.
+
+--size-stream N (CPU, fp32, batch 1, eager / fused) instead runs N images of a seeded stream of
+detection test sizes (keep-ratio resize into 1333x800, padded to 32; see
+mmeformer.benchmark.detection_test_sizes), each through every candidate in turn, and reports
+the mean time per image and the bytes of attention biases cached at the end: what an
+evaluation pays for new input sizes, which a fixed-size run never shows.
 """
 import argparse
 import sys
@@ -61,6 +67,9 @@ def main(argv=None):
                         help='instead of latency: time in the attention modules against the '
                         'rest, and per aten op, with the GFLOP/s of the matrix ops (CPU eager; '
                         'see below)')
+    parser.add_argument('--size-stream', type=int, metavar='N',
+                        help='instead of latency: N images of detection test sizes in a '
+                        'stream (see below)')
     parser.add_argument('--malloc', choices=['kept', 'default'], default='kept',
                         help="latency runs: 'kept' (default) keeps freed memory in glibc's heap "
                         "for this process, for every implementation alike (see "
@@ -75,6 +84,8 @@ def main(argv=None):
         return train_memory(args)
     if args.profile:
         return profile(args)
+    if args.size_stream is not None:
+        return size_stream(args, parser)
     settings = dict(QUICK) if args.quick else dict(
         variants=arch_names(), sizes=list(benchmark.DEFAULT_SIZES),
         runtimes=['eager', 'fused', 'compile', 'onnxruntime'], warmup=2, repeats=10)
@@ -114,6 +125,32 @@ def profile(args) -> int:
     print(text)
     for kind, content in (('md', text), ('json', json.dumps([asdict(r) for r in rows], indent=1))):
         path = os.path.join(args.out, f'profile.{kind}')
+        with open(path, 'w') as f:
+            f.write(content)
+        print(f'wrote {kind}: {path}')
+    return 0
+
+
+def size_stream(args, parser) -> int:
+    import json
+    import os
+    from dataclasses import asdict
+    runtimes = args.runtimes or ['eager']
+    if args.device != 'cpu' or args.dtype != 'float32' or args.size_stream < 1:
+        parser.error('--size-stream N (N >= 1) times CPU fp32 forwards only')
+    if set(runtimes) - {'eager', 'fused'}:
+        parser.error('--size-stream times the eager and fused runtimes only (the others are '
+                     'built for one input size)')
+    env, results = benchmark.size_stream(
+        args.variants or QUICK['variants'], args.size_stream, runtimes, compare=args.compare,
+        threads=args.threads, warmup=args.warmup or 1, keep_memory=args.malloc == 'kept',
+        progress=lambda line: print(line, flush=True))
+    text = benchmark.size_stream_markdown(env, results)
+    os.makedirs(args.out, exist_ok=True)
+    print(text)
+    for kind, content in (('md', text), ('json', json.dumps(
+            dict(environment=env, results=[asdict(r) for r in results]), indent=1))):
+        path = os.path.join(args.out, f'size_stream.{kind}')
         with open(path, 'w') as f:
             f.write(content)
         print(f'wrote {kind}: {path}')
