@@ -60,7 +60,8 @@ class Measurement:
     params_m: float
     gmacs: float
     gflops_per_s: float
-    matmul_fraction: float
+    matmul_fraction: float  # of matmul_gflops
+    matmul_gflops: float  # the 2048^3 matmul, timed in the same rounds as this measurement
     note: str = ''
 
 
@@ -134,11 +135,21 @@ def time_interleaved(fns: Dict, warmup: int, repeats: int,
             for key, t in sample_interleaved(fns, warmup, repeats, device).items()}
 
 
-@torch.inference_mode()
-def matmul_gflops(device: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+MATMUL_SIZE = 2048
+
+
+def square_matmul(device: str, dtype: torch.dtype, n: int = MATMUL_SIZE) -> Callable:
+    """A callable multiplying two n x n matrices: this machine's dense-GEMM speed, the yardstick
+    of the achieved GFLOP/s (``2 n^3`` FLOPs per call)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    median, _ = time_ms(lambda: a @ b, 2, repeats, device)
+    return lambda: a @ b
+
+
+@torch.inference_mode()
+def matmul_gflops(device: str, dtype: torch.dtype, n: int = MATMUL_SIZE,
+                  repeats: int = 5) -> float:
+    median, _ = time_ms(square_matmul(device, dtype, n), 2, repeats, device)
     return 2 * n ** 3 / (median / 1e3) / 1e9
 
 
@@ -247,14 +258,20 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAU
                         progress(f'  skipped {impl}/{runtime}: {type(err).__name__}: {err}')
                         continue
                     timed[(impl, runtime, batch, note)] = functools.partial(fn, x)
+            # The yardstick runs in the same rounds: this machine's speed drifts within a run,
+            # and a matmul speed measured once at the start gave shares above 100% later on.
+            timed['matmul'] = square_matmul(device, torch_dtype)
             with torch.inference_mode():
                 results = time_interleaved(timed, warmup, repeats, device)
+            matmul_median, _ = results.pop('matmul')
+            group_peak = 2 * MATMUL_SIZE ** 3 / (matmul_median / 1e3) / 1e9
             for (impl, runtime, batch, note), (median, p90) in results.items():
                 achieved = 2 * macs * batch / (median / 1e3) / 1e9
                 report.measurements.append(Measurement(
                     variant, impl, runtime, size[0], size[1], batch, threads, dtype,
                     round(median, 2), round(p90, 2), round(params / 1e6, 3),
-                    round(macs / 1e9, 4), round(achieved, 1), round(achieved / peak, 4), note))
+                    round(macs / 1e9, 4), round(achieved, 1), round(achieved / group_peak, 4),
+                    round(group_peak, 1), note))
                 progress(f'[{index}/{len(plan)}] {variant} {size[0]}x{size[1]} b{batch} '
                          f'{impl}/{runtime}: {median:.1f} ms (p90 {p90:.1f})')
     return report
@@ -615,10 +632,15 @@ def train_step_memory(variant: str, size: Tuple[int, int], batch: int = 2,
 # -- writing ---------------------------------------------------------------------------------
 def to_markdown(report: Report) -> str:
     env = report.environment
+    dtypes = '/'.join(sorted({m.dtype for m in report.measurements})) or 'float32'
+    group_peaks = [m.matmul_gflops for m in report.measurements]
+    alongside = (f'; timed in the same rounds as each variant and size: '
+                 f'{min(group_peaks):.0f}-{max(group_peaks):.0f} GFLOP/s, the yardstick of the '
+                 f'last column' if group_peaks else '')
     lines = [f"Machine: {env['cpu']}, {env['threads']} threads, device {env['device']}, torch "
-             f"{env['torch']}, onnxruntime {env['onnxruntime']}; fp32 matmul (2048^3) measured "
-             f'in the same run: {report.matmul_gflops:.0f} GFLOP/s; '
-             f"{env.get('allocator', 'allocator not recorded')}.", '',
+             f"{env['torch']}, onnxruntime {env['onnxruntime']}; {dtypes} matmul "
+             f'({MATMUL_SIZE}^3) at the start of the run: {report.matmul_gflops:.0f} GFLOP/s'
+             f"{alongside}; {env.get('allocator', 'allocator not recorded')}.", '',
              '| variant | implementation | runtime | size | batch | median ms | p90 ms | params M '
              '| GMACs | GFLOP/s | of matmul peak |',
              '|---|---|---|---|---|---|---|---|---|---|---|']

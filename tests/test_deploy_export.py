@@ -168,6 +168,12 @@ def test_benchmark_quick_writes_its_report(tmp_path):
     runs = {(m['variant'], m['runtime'], m['height']) for m in report['measurements']}
     assert len(runs) == 3 * 3 * 2  # 3 variants x (eager, fused, onnxruntime) x 2 sizes
     assert all(m['median_ms'] > 0 and m['gmacs'] > 0 for m in report['measurements'])
+    # The share of matmul speed is against the matmul timed in the same rounds as the setting.
+    for m in report['measurements']:
+        assert m['matmul_gflops'] > 0
+        assert m['matmul_fraction'] == pytest.approx(m['gflops_per_s'] / m['matmul_gflops'],
+                                                     rel=0.01, abs=1e-4)
+    assert len({m['matmul_gflops'] for m in report['measurements']}) >= 2  # one per setting
     assert '| efficientvit_m4 | mmeformer | onnxruntime | 96x128 |' in \
         (tmp_path / 'latency.md').read_text()
     assert (tmp_path / 'latency.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
