@@ -235,6 +235,8 @@ def test_chunked_softmax_attention_equals_the_formula(per_head, monkeypatch):
     assert len(per_head_calls) == (2 if per_head else 0)
     torch.testing.assert_close(with_bias, (logits + bias).softmax(-1) @ v)
     torch.testing.assert_close(without_bias, logits.softmax(-1) @ v)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert layers.softmax_attention(q, k, v, 0.3, bias).dtype == torch.bfloat16
 
 
 def test_v2_training_saves_no_bias_sized_tensors():

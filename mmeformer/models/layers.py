@@ -536,16 +536,19 @@ def _per_head_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
     """:func:`softmax_attention` (inference) one (batch, head) at a time: with the whole chunk
     budget for one head, its GEMMs get several times more query rows."""
     num_queries = q.shape[-2]
-    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-    q_, kt_, v_, out_ = (t.reshape((-1, ) + t.shape[-2:]) for t in (q, kt, v, out))
+    q_, kt_, v_ = (t.reshape((-1, ) + t.shape[-2:]) for t in (q, kt, v))
     heads = bias.shape[-3] if bias is not None else 1
+    out = None
     for i in range(q_.shape[0]):
         for rows in query_chunks(num_queries, 1, kt_.shape[-1]):
             attn = torch.mm(query_rows(q_[i], rows), kt_[i])
             if bias is not None:
                 attn = attn.add_(query_rows(bias[i % heads], rows))
-            out_[i][rows if rows is not None else slice(None)] = torch.mm(
-                attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v_[i])
+            rows_out = torch.mm(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v_[i])
+            if out is None:  # in the dtype the products have (autocast's, when it is on)
+                out = rows_out.new_empty(q.shape[:-1] + v.shape[-1:])
+                out_ = out.view((-1, ) + out.shape[-2:])
+            out_[i][rows if rows is not None else slice(None)] = rows_out
     return out
 
 
