@@ -489,7 +489,7 @@ def query_chunks(num_queries: int, heads: int, num_keys: int) -> List[Optional[s
     rows = max(16, QUERY_CHUNK_ELEMENTS // max(1, heads * num_keys))
     if torch.is_grad_enabled() or is_tracing() or is_compiling() or rows >= num_queries:
         return [None]
-    rows = -(-num_queries // -(-num_queries // rows))
+    rows = math.ceil(num_queries / math.ceil(num_queries / rows))  # the same number, evened
     return [slice(start, min(start + rows, num_queries))
             for start in range(0, num_queries, rows)]
 
