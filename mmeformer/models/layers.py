@@ -499,17 +499,18 @@ def query_rows(t: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
     return t if rows is None else t[..., rows, :]
 
 
-# Query rows below which a chunk's GEMMs are dominated by packing the (Nk, d) key / value
+# Query rows below which a chunk's CPU GEMMs are dominated by packing the (Nk, d) key / value
 # operand again for every chunk: (31 x 4200) @ (4200 x 64) ran at 63 GFLOP/s against 124 for
-# 250 rows (2-core EPYC, V2's downsample attention at 800x1344).
+# 250 rows (2-core EPYC, V2's downsample attention at 800x1344). Not applied on GPUs, where
+# one head at a time would mean 8x the kernel launches (not measured: no GPU here).
 MIN_CHUNK_ROWS = 128
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``softmax(q k^T * scale + bias) v`` for (..., heads, N, d) inputs and a (heads, Nq, Nk)
-    bias, query chunk by query chunk in inference (see :func:`query_chunks`); one head at a
-    time when a chunk of all heads would have fewer than ``MIN_CHUNK_ROWS`` query rows.
+    bias, query chunk by query chunk in inference (see :func:`query_chunks`); on CPU one head
+    at a time when a chunk of all heads would have fewer than ``MIN_CHUNK_ROWS`` query rows.
 
     Written out rather than through ``scaled_dot_product_attention``: with key_dim != value_dim
     (all three families) the CPU fused kernels do not apply and the math fallback adds several
@@ -520,7 +521,8 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     q, kt, v = (q * scale).contiguous(), k.contiguous().transpose(-2, -1), v.contiguous()
     heads = q.shape[-3] if q.dim() > 2 else 1
     chunks = query_chunks(q.shape[-2], heads, k.shape[-2])
-    if chunks[0] is not None and chunks[0].stop - chunks[0].start < MIN_CHUNK_ROWS:
+    if (chunks[0] is not None and chunks[0].stop - chunks[0].start < MIN_CHUNK_ROWS
+            and q.device.type == 'cpu'):
         return _per_head_attention(q, kt, v, bias)
     outs = []
     for rows in chunks:
