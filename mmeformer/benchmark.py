@@ -12,15 +12,15 @@ import copy
 import csv
 import functools
 import json
-import os
 import math
+import os
 import platform
 import random
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,6 +28,7 @@ from .allocator import allocator_description, keep_freed_memory
 from .complexity import count_macs, count_params
 from .deploy import fuse
 from .export import arch_names, build_model, export_onnx
+from .models.layers import RelativeBiasAttention
 from .official_reference import build_official_reference
 
 RUNTIMES = ('eager', 'fused', 'compile', 'onnxruntime')
@@ -107,23 +108,34 @@ def time_ms(fn: Callable, warmup: int, repeats: int, device: str) -> Tuple[float
     return time_interleaved({None: fn}, warmup, repeats, device)[None]
 
 
-def sample_interleaved(fns: Dict, warmup: int, repeats: int,
-                       device: str) -> Dict[object, List[float]]:
-    """Wall times in ms of ``repeats`` calls of each of ``fns`` (key -> callable), after
-    ``warmup`` calls each, timed in rounds of one call each: on a shared machine whose speed
-    drifts (runs here varied 1.5x within minutes) every candidate sees the same conditions,
-    which keeps the ratios honest."""
+def interleaved_rounds(fns: Dict, warmup: int, rounds: Iterable[tuple], device: str,
+                       warmup_args: tuple = ()) -> Iterator[Dict[object, float]]:
+    """After ``warmup`` calls of each of ``fns`` (key -> callable) with ``warmup_args``, one
+    round per argument tuple of ``rounds``: one call of each, yielding their wall times in ms.
+    On a shared machine whose speed drifts (runs here varied 1.5x within minutes) every
+    candidate then sees the same conditions, which keeps the ratios honest."""
     for fn in fns.values():
         for _ in range(warmup):
-            fn()
+            fn(*warmup_args)
     _sync(device)
-    times = {key: [] for key in fns}
-    for _ in range(repeats):
+    for args in rounds:
+        times = {}
         for key, fn in fns.items():
             start = time.perf_counter()
-            fn()
+            fn(*args)
             _sync(device)
-            times[key].append((time.perf_counter() - start) * 1e3)
+            times[key] = (time.perf_counter() - start) * 1e3
+        yield times
+
+
+def sample_interleaved(fns: Dict, warmup: int, repeats: int,
+                       device: str) -> Dict[object, List[float]]:
+    """Wall times in ms of ``repeats`` calls of each of ``fns``, after ``warmup`` calls each,
+    timed in :func:`interleaved_rounds`."""
+    times = {key: [] for key in fns}
+    for round_times in interleaved_rounds(fns, warmup, [()] * repeats, device):
+        for key, ms in round_times.items():
+            times[key].append(ms)
     return times
 
 
@@ -299,13 +311,9 @@ def detection_test_sizes(count: int, seed: int = 0, scale: Tuple[int, int] = (13
 
 def bias_cache_bytes(model) -> Optional[int]:
     """Bytes of the attention biases cached in ``model``'s modules; None where it has none."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    caches = [m._bias_cache for m in model.modules()
-              if isinstance(getattr(m, '_bias_cache', None), dict)]
-    if not caches:
-        return None
-    return sum(t.numel() * t.element_size() for cache in caches for t in cache.values())
+    modules = ([m for m in model.modules() if isinstance(m, RelativeBiasAttention)]
+               if isinstance(model, torch.nn.Module) else [])
+    return sum(m.cached_bias_bytes() for m in modules) if modules else None
 
 
 @dataclass
@@ -322,6 +330,9 @@ class StreamResult:
     note: str = ''
 
 
+STREAM_RUNTIMES = ('eager', 'fused')
+
+
 def size_stream(variants: Sequence[str], count: int, runtimes: Sequence[str] = ('eager', ),
                 compare: bool = False, threads: int = 2, warmup: int = 1,
                 keep_memory: bool = True,
@@ -331,7 +342,7 @@ def size_stream(variants: Sequence[str], count: int, runtimes: Sequence[str] = (
     fused only: the others are built for one size). A fixed-size benchmark never pays for a new
     input size; an evaluation does whenever a size is not in the attention-bias caches. Also
     reports the bytes those caches hold at the end."""
-    unknown = [r for r in runtimes if r not in ('eager', 'fused')]
+    unknown = [r for r in runtimes if r not in STREAM_RUNTIMES]
     if unknown:
         raise ValueError(f'a size stream times the eager and fused runtimes only, not {unknown}')
     if keep_memory:
@@ -344,16 +355,13 @@ def size_stream(variants: Sequence[str], count: int, runtimes: Sequence[str] = (
             base = build_model(variant)
             items = candidates(variant, base, sizes[0], runtimes, compare, workdir)
             first = torch.randn(1, 3, *sizes[0])
-            for _, _, fn, _ in items:
-                for _ in range(warmup):
-                    fn(first)
+            images = ((torch.randn(1, 3, *size), ) for size in sizes)
+            rounds = interleaved_rounds({i: item[2] for i, item in enumerate(items)}, warmup,
+                                        images, 'cpu', warmup_args=(first, ))
             times = [[] for _ in items]
-            for index, size in enumerate(sizes, 1):
-                x = torch.randn(1, 3, *size)
-                for timed, (_, _, fn, _) in zip(times, items):
-                    start = time.perf_counter()
-                    fn(x)
-                    timed.append((time.perf_counter() - start) * 1e3)
+            for index, (size, round_times) in enumerate(zip(sizes, rounds), 1):
+                for i, ms in round_times.items():
+                    times[i].append(ms)
                 progress(f'{variant} image {index}/{count} {size[0]}x{size[1]}: ' + ', '.join(
                     f'{impl}/{runtime} {t[-1]:.1f} ms'
                     for t, (impl, runtime, _, _) in zip(times, items)))
@@ -377,15 +385,9 @@ def size_stream_markdown(env: Dict, results: Sequence[StreamResult]) -> str:
         lines.append(f'| {r.variant} | {r.implementation} | {r.runtime} | {r.images} '
                      f'({r.distinct_sizes}) | {r.mean_ms:.1f} | {r.median_ms:.1f} | '
                      f'{r.p90_ms:.1f} | {cache} |')
-    index = {(r.variant, r.implementation, r.runtime): r for r in results}
-    ratios = []
-    for variant in dict.fromkeys(r.variant for r in results):
-        for fast, slow in RATIO_PAIRS:
-            a, b = index.get((variant, *fast)), index.get((variant, *slow))
-            if a is not None and b is not None:
-                ratios.append(f'- {variant}: {"/".join(fast)} is {b.mean_ms / a.mean_ms:.2f}x '
-                              f'faster than {"/".join(slow)} (mean {b.mean_ms:.1f} -> '
-                              f'{a.mean_ms:.1f} ms per image)')
+    ratios = ratio_lines(results, list(dict.fromkeys(r.variant for r in results)),
+                         lambda r: r.variant, lambda r: r.mean_ms, str,
+                         '(mean {} -> {} ms per image)')
     if ratios:
         lines += ['', 'Ratios in this run (mean time per image):'] + ratios
     return '\n'.join(lines) + '\n'
@@ -663,21 +665,31 @@ RATIO_PAIRS = ((('mmeformer', 'eager'), ('official (re-implemented)', 'eager')),
                (('mmeformer', 'onnxruntime'), ('mmeformer', 'eager')))
 
 
+def ratio_lines(rows: Sequence, settings: Sequence, setting_of: Callable, ms_of: Callable,
+                describe: Callable, times: str) -> List[str]:
+    """The :data:`RATIO_PAIRS` ratios of ``rows`` (each with an ``implementation`` and a
+    ``runtime``) within each of ``settings`` (``setting_of(row)``), in that order;
+    ``describe(setting)`` names the setting and ``times`` formats the slower and faster ms."""
+    index = {(setting_of(r), r.implementation, r.runtime): r for r in rows}
+    lines = []
+    for setting in settings:
+        for fast, slow in RATIO_PAIRS:
+            a, b = index.get((setting, *fast)), index.get((setting, *slow))
+            if a is not None and b is not None:
+                lines.append(f'- {describe(setting)}: {"/".join(fast)} is '
+                             f'{ms_of(b) / ms_of(a):.2f}x faster than {"/".join(slow)} '
+                             + times.format(f'{ms_of(b):.1f}', f'{ms_of(a):.1f}'))
+    return lines
+
+
 def speedup_lines(report: Report) -> List[str]:
     """Ratios within this run: mmeformer against the references, and each runtime's gain."""
-    index = {(m.variant, m.implementation, m.runtime, m.height, m.width, m.batch): m
-             for m in report.measurements}
-    settings = sorted({(m.variant, m.height, m.width, m.batch) for m in report.measurements})
-    lines = []
-    for variant, h, w, batch in settings:
-        for fast, slow in RATIO_PAIRS:
-            a = index.get((variant, *fast, h, w, batch))
-            b = index.get((variant, *slow, h, w, batch))
-            if a is not None and b is not None:
-                lines.append(f'- {variant} {h}x{w} b{batch}: {"/".join(fast)} is '
-                             f'{b.median_ms / a.median_ms:.2f}x faster than {"/".join(slow)} '
-                             f'({b.median_ms:.1f} -> {a.median_ms:.1f} ms)')
-    return lines
+    def setting_of(m):
+        return m.variant, m.height, m.width, m.batch
+
+    return ratio_lines(report.measurements, sorted({setting_of(m) for m in report.measurements}),
+                       setting_of, lambda m: m.median_ms,
+                       lambda setting: '{} {}x{} b{}'.format(*setting), '({} -> {} ms)')
 
 
 def write(report: Report, out_dir: str) -> Dict[str, str]:

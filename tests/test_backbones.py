@@ -392,12 +392,19 @@ def test_torch_compile_captures_one_graph(cls):
         torch._dynamo.reset()
 
 
+def ops_that_ran(call):
+    """``call()``'s result and the names of the ops it ran (torch.profiler)."""
+    from torch.profiler import profile
+    with profile() as prof:
+        result = call()
+    return result, {event.key for event in prof.key_averages()}
+
+
 @pytest.mark.parametrize('act', [None, 'gelu', 'gelu_tanh', 'relu'])
 def test_fused_onednn_kernels_equal_the_plain_ops(act):
     """CPU inference runs GEMMs of enough rows and convs followed by an activation through
     oneDNN's fused kernels; they give the plain ops' numbers, activation variant included."""
     import torch.nn as nn
-    from torch.profiler import profile
 
     from mmeformer.models.layers import (_HAS_ONEDNN_POINTWISE, _ONEDNN_MIN_LINEAR_ROWS, GELU,
                                          conv2d, linear, onednn_fusion)
@@ -414,11 +421,9 @@ def test_fused_onednn_kernels_equal_the_plain_ops(act):
     if act is not None:  # a conv with nothing to fuse keeps torch's own kernel
         calls.append(lambda: conv2d(dense, x, act=act_module))
     with torch.no_grad():
-        with profile() as prof:
-            fused = [call() for call in calls]
+        fused, ran = ops_that_ran(lambda: [call() for call in calls])
         with onednn_fusion(False):
             plain = [call() for call in calls]
-    ran = {event.key for event in prof.key_averages()}
     assert 'mkldnn::_linear_pointwise' in ran
     assert (act is not None) == ('mkldnn::_convolution_pointwise' in ran)
     for a, b in zip(fused, plain):
@@ -430,7 +435,6 @@ def test_wide_gemm_weights_are_packed_once_and_follow_changes():
     packed once; the copy follows in-place changes, and a narrower weight stays on F.linear."""
     import torch.nn as nn
     import torch.nn.functional as F
-    from torch.profiler import profile
 
     from mmeformer.models import layers
     if not layers._HAS_ONEDNN_POINTWISE:
@@ -440,18 +444,16 @@ def test_wide_gemm_weights_are_packed_once_and_follow_changes():
     narrow = nn.Linear(512, layers._ONEDNN_MIN_OUT_FEATURES - 64)
     x = torch.randn(1, 49, 512)  # far fewer rows than _ONEDNN_MIN_LINEAR_ROWS
     with torch.no_grad():
-        with profile() as prof:
-            out = layers.linear(wide, x)
-        assert 'mkldnn::_linear_pointwise' in {event.key for event in prof.key_averages()}
+        out, ran = ops_that_ran(lambda: layers.linear(wide, x))
+        assert 'mkldnn::_linear_pointwise' in ran
         torch.testing.assert_close(out, F.linear(x, wide.weight, wide.bias))
         packed = layers._onednn_weights[wide.weight][1]
         layers.linear(wide, x)
         assert layers._onednn_weights[wide.weight][1] is packed  # packed once
         wide.weight.mul_(-2.)
         torch.testing.assert_close(layers.linear(wide, x), F.linear(x, wide.weight, wide.bias))
-        with profile() as prof:
-            out = layers.linear(narrow, x)
-        assert 'mkldnn::_linear_pointwise' not in {event.key for event in prof.key_averages()}
+        _, ran = ops_that_ran(lambda: layers.linear(narrow, x))
+        assert 'mkldnn::_linear_pointwise' not in ran
         assert narrow.weight not in layers._onednn_weights
 
 

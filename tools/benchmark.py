@@ -106,8 +106,6 @@ def main(argv=None):
 
 
 def profile(args) -> int:
-    import json
-    import os
     from dataclasses import asdict
     if args.device != 'cpu' or args.dtype != 'float32':
         print('--profile times CPU fp32 eager forwards only', file=sys.stderr)
@@ -121,39 +119,37 @@ def profile(args) -> int:
     text = (f'{args.threads} threads, batch 1, fp32, eval; medians of {repeats} '
             f'forwards; fp32 matmul {rows[0].matmul_gflops:.0f} GFLOP/s.\n\n'
             + benchmark.profile_markdown(rows))
-    os.makedirs(args.out, exist_ok=True)
-    print(text)
-    for kind, content in (('md', text), ('json', json.dumps([asdict(r) for r in rows], indent=1))):
-        path = os.path.join(args.out, f'profile.{kind}')
-        with open(path, 'w') as f:
-            f.write(content)
-        print(f'wrote {kind}: {path}')
+    write_report(args.out, 'profile', text, [asdict(r) for r in rows])
     return 0
 
 
-def size_stream(args, parser) -> int:
+def write_report(out_dir: str, name: str, text: str, data) -> None:
+    """Print ``text`` and write it as ``name``.md, and ``data`` as ``name``.json."""
     import json
     import os
+    os.makedirs(out_dir, exist_ok=True)
+    print(text)
+    for kind, content in (('md', text), ('json', json.dumps(data, indent=1))):
+        path = os.path.join(out_dir, f'{name}.{kind}')
+        with open(path, 'w') as f:
+            f.write(content)
+        print(f'wrote {kind}: {path}')
+
+
+def size_stream(args, parser) -> int:
     from dataclasses import asdict
     runtimes = args.runtimes or ['eager']
     if args.device != 'cpu' or args.dtype != 'float32' or args.size_stream < 1:
         parser.error('--size-stream N (N >= 1) times CPU fp32 forwards only')
-    if set(runtimes) - {'eager', 'fused'}:
+    if set(runtimes) - set(benchmark.STREAM_RUNTIMES):
         parser.error('--size-stream times the eager and fused runtimes only (the others are '
                      'built for one input size)')
     env, results = benchmark.size_stream(
         args.variants or QUICK['variants'], args.size_stream, runtimes, compare=args.compare,
         threads=args.threads, warmup=args.warmup or 1, keep_memory=args.malloc == 'kept',
         progress=lambda line: print(line, flush=True))
-    text = benchmark.size_stream_markdown(env, results)
-    os.makedirs(args.out, exist_ok=True)
-    print(text)
-    for kind, content in (('md', text), ('json', json.dumps(
-            dict(environment=env, results=[asdict(r) for r in results]), indent=1))):
-        path = os.path.join(args.out, f'size_stream.{kind}')
-        with open(path, 'w') as f:
-            f.write(content)
-        print(f'wrote {kind}: {path}')
+    write_report(args.out, 'size_stream', benchmark.size_stream_markdown(env, results),
+                 dict(environment=env, results=[asdict(r) for r in results]))
     return 0
 
 

@@ -524,6 +524,13 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if (chunks[0] is not None and chunks[0].stop - chunks[0].start < MIN_CHUNK_ROWS
             and q.device.type == 'cpu'):
         return _per_head_attention(q, kt, v, bias)
+    return _attend_in_chunks(q, kt, v, bias, chunks)
+
+
+def _attend_in_chunks(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
+                      bias: Optional[torch.Tensor],
+                      chunks: List[Optional[slice]]) -> torch.Tensor:
+    """``softmax(q kt + bias) v`` over the query ``chunks``, concatenated."""
     outs = []
     for rows in chunks:
         attn = torch.matmul(query_rows(q, rows), kt)
@@ -537,21 +544,12 @@ def _per_head_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
                         bias: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`softmax_attention` (inference) one (batch, head) at a time: with the whole chunk
     budget for one head, its GEMMs get several times more query rows."""
-    num_queries = q.shape[-2]
-    q_, kt_, v_ = (t.reshape((-1, ) + t.shape[-2:]) for t in (q, kt, v))
+    chunks = query_chunks(q.shape[-2], 1, kt.shape[-1])
     heads = bias.shape[-3] if bias is not None else 1
-    out = None
-    for i in range(q_.shape[0]):
-        for rows in query_chunks(num_queries, 1, kt_.shape[-1]):
-            attn = torch.mm(query_rows(q_[i], rows), kt_[i])
-            if bias is not None:
-                attn = attn.add_(query_rows(bias[i % heads], rows))
-            rows_out = torch.mm(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v_[i])
-            if out is None:  # in the dtype the products have (autocast's, when it is on)
-                out = rows_out.new_empty(q.shape[:-1] + v.shape[-1:])
-                out_ = out.view((-1, ) + out.shape[-2:])
-            out_[i][rows if rows is not None else slice(None)] = rows_out
-    return out
+    q_, kt_, v_ = (t.reshape((-1, ) + t.shape[-2:]) for t in (q, kt, v))
+    outs = [_attend_in_chunks(q_[i], kt_[i], v_[i], None if bias is None else bias[i % heads],
+                              chunks) for i in range(q_.shape[0])]
+    return torch.stack(outs).view(q.shape[:-1] + v.shape[-1:])
 
 
 BIAS_MODES = ('table', 'official')
@@ -644,15 +642,19 @@ class RelativeBiasAttention(nn.Module):
         key = (tuple(query_size), tuple(key_size), table.device, table.dtype,
                tuple(_tensor_state(t) for t in self._bias_inputs()))
         bias = self._bias_cache.pop(key, None)
-        if bias is None:
-            bias = self._compute_bias(tuple(query_size), tuple(key_size)).detach()
-        self._bias_cache[key] = bias  # the least recently used come first
-        cached_bytes = sum(b.numel() * b.element_size() for b in self._bias_cache.values())
-        while len(self._bias_cache) > 1 and (len(self._bias_cache) > _MAX_CACHED_BIASES
-                                             or cached_bytes > _MAX_CACHED_BIAS_BYTES):
-            oldest = self._bias_cache.pop(next(iter(self._bias_cache)))
-            cached_bytes -= oldest.numel() * oldest.element_size()
+        if bias is not None:
+            self._bias_cache[key] = bias  # the least recently used come first
+            return bias
+        bias = self._compute_bias(tuple(query_size), tuple(key_size)).detach()
+        self._bias_cache[key] = bias
+        while len(self._bias_cache) > 1 and (len(self._bias_cache) > _MAX_CACHED_BIASES or
+                                             self.cached_bias_bytes() > _MAX_CACHED_BIAS_BYTES):
+            self._bias_cache.pop(next(iter(self._bias_cache)))
         return bias
+
+    def cached_bias_bytes(self) -> int:
+        """Bytes held by the eval bias cache."""
+        return sum(b.numel() * b.element_size() for b in self._bias_cache.values())
 
     def bias_is_constant(self) -> bool:
         """True when the bias is frozen (deploy), or in eval when no gradient can flow into it:
