@@ -38,14 +38,20 @@ def first_attention(model):
     return next(m for m in model.modules() if hasattr(m, 'attention_biases'))
 
 
+# The matrix resize runs as F.interpolate while autograd records and as banded GEMMs in CPU
+# inference (see resize_bicubic): both are checked; they differ from ATen's kernel by rounding.
+@pytest.mark.parametrize('grad', [True, False])
 @pytest.mark.parametrize('hw', [(8, 8), (8, 13), (13, 8), (5, 5)])
-def test_v1_official_bias_and_attention_match_reference(hw):
+def test_v1_official_bias_and_attention_match_reference(hw, grad):
     model = EfficientFormer('l1', bias_mode='official', bias_img_size=256).eval()  # R = 8
     attn = first_attention(model)
     torch.nn.init.normal_(attn.attention_biases)
     n = hw[0] * hw[1]
     expected = official_bias(attn.attention_biases.detach(), 8, 1, n, n)
-    torch.testing.assert_close(attn.attention_bias(hw, hw), expected, rtol=0, atol=1e-6)
+    with torch.set_grad_enabled(grad):
+        bias = attn.attention_bias(hw, hw)
+    assert bias.requires_grad == grad
+    torch.testing.assert_close(bias, expected, rtol=0, atol=1e-6 if grad else 4e-6)
 
     # Whole attention written out plainly (softmax(q k^T * scale + bias) v).
     x = torch.randn(2, n, 448)
@@ -57,15 +63,42 @@ def test_v1_official_bias_and_attention_match_reference(hw):
         torch.testing.assert_close(attn(x, hw), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('grad', [True, False])
 @pytest.mark.parametrize('key_hw', [(16, 16), (16, 25), (7, 9)])
-def test_v2_downsample_official_bias_matches_reference(key_hw):
+def test_v2_downsample_official_bias_matches_reference(key_hw, grad):
     model = EfficientFormerV2('s0', bias_mode='official', bias_img_size=256).eval()
     attn = model.stages[3].downsample.attn  # key grid ceil(256 / 16) = 16, query grid 8
     torch.nn.init.normal_(attn.attention_biases)
     q_hw = tuple(math.ceil(s / 2) for s in key_hw)
     expected = official_bias(attn.attention_biases.detach(), 16, 2, q_hw[0] * q_hw[1],
                              key_hw[0] * key_hw[1])
-    torch.testing.assert_close(attn.attention_bias(q_hw, key_hw), expected, rtol=0, atol=1e-6)
+    with torch.set_grad_enabled(grad):
+        bias = attn.attention_bias(q_hw, key_hw)
+    assert bias.requires_grad == grad
+    torch.testing.assert_close(bias, expected, rtol=0, atol=1e-6 if grad else 4e-6)
+
+
+@pytest.mark.parametrize('shape, size', [
+    ((8, 64, 256), (104, 420)),  # V2's downsample matrix at 128 px grown to 208x336
+    ((3, 10, 17), (4, 30)),  # one axis shrinks, one grows
+    ((2, 40, 40), (40, 13)),  # one axis unchanged
+    ((2, 5, 7), (5, 7)),  # nothing to do
+    ((1, 1, 3), (9, 2)),  # a single source row: every tap clamps to it
+])
+def test_banded_bicubic_resize_equals_interpolate(shape, size, monkeypatch):
+    from mmeformer.models import layers
+    x = torch.randn(shape) * 3
+    expected = F.interpolate(x[None], size=size, mode='bicubic', align_corners=False)[0]
+
+    def interpolate(*args, **kwargs):
+        raise AssertionError('the banded resize should run in CPU inference')
+
+    monkeypatch.setattr(layers.F, 'interpolate', interpolate)
+    with torch.no_grad():
+        got = layers.resize_bicubic(x, size)
+    assert got.data_ptr() != x.data_ptr()
+    # Rounding: a 16-term sum of values up to ~10 in float32, in another order than ATen's.
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 # The gather runs by advanced indexing while autograd records (its backward stays small) and

@@ -461,6 +461,74 @@ def gather_offset_bias(grid: torch.Tensor, query_size: Tuple[int, int],
     return bias.reshape(heads, hq * wq, hk * wk)
 
 
+def bicubic_taps(in_len: int, out_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out_len, 4) source indices and weights of ``F.interpolate(mode='bicubic',
+    align_corners=False)`` along one axis, computed as ATen computes them (a float scale times a
+    double ``dst + 0.5``, rounded to float; cubic convolution with A = -0.75; indices clamped to
+    the edges), so that the weights agree to float rounding."""
+    scale = torch.tensor(in_len, dtype=torch.float32) / out_len
+    src = (scale.double() * (torch.arange(out_len, dtype=torch.float64) + 0.5) - 0.5).float()
+    base = src.floor()
+    t = src - base
+    a = -0.75
+
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    weights = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=1)
+    index = (base.long()[:, None] + torch.arange(-1, 3)).clamp_(0, in_len - 1)
+    return index, weights
+
+
+# Output rows / columns per dense block of the banded resize matrices (2-core EPYC: 32 / 64 were
+# the fastest of 16-128 for the bias matrices of V2-S0 at 800x1344).
+_RESIZE_ROW_BLOCK, _RESIZE_COL_BLOCK = 32, 64
+
+
+def _banded_blocks(in_len: int, out_len: int, block: int, device) -> list:
+    """The bicubic resize along one axis as a banded (out_len, in_len) matrix, in dense blocks
+    of ``block`` output rows: (output slice, input slice, block weights)."""
+    index, weights = bicubic_taps(in_len, out_len)
+    blocks = []
+    for start in range(0, out_len, block):
+        idx, w = index[start:start + block], weights[start:start + block]
+        first, last = int(idx.min()), int(idx.max())
+        dense = torch.zeros(idx.shape[0], last + 1 - first).scatter_add_(1, idx - first, w)
+        blocks.append((slice(start, start + idx.shape[0]), slice(first, last + 1),
+                       dense.to(device)))
+    return blocks
+
+
+def resize_bicubic(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x[None], size, mode='bicubic', align_corners=False)[0]`` for a float32
+    (C, H, W) tensor, equal to float rounding.
+
+    In CPU inference the resize runs as two passes of small GEMMs over the dense blocks of the
+    banded per-axis matrices (each output mixes 4 inputs per axis): 2-3x faster than ATen's
+    kernel for the (8, 625, 2500) -> (8, 1050, 4200) bias matrix of ``bias_mode='official'``.
+    Elsewhere (autograd, tracing, torch.compile, GPUs) it is ``F.interpolate`` itself.
+    """
+    out_h, out_w = size
+    channels, in_h, in_w = x.shape
+    if (x.device.type != 'cpu' or x.dtype != torch.float32 or is_tracing() or is_compiling()
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return F.interpolate(x[None], size=size, mode='bicubic', align_corners=False)[0]
+    # An axis whose size stays is an identity in ATen too (weights 0, 1, 0, 0).
+    if in_w != out_w:
+        flat, x = x.reshape(channels * in_h, in_w), x.new_empty(channels, in_h, out_w)
+        for cols, taps, weight in _banded_blocks(in_w, out_w, _RESIZE_COL_BLOCK, x.device):
+            torch.mm(flat[:, taps], weight.t(), out=x.view(-1, out_w)[:, cols])
+    if in_h != out_h:
+        source, x = x, x.new_empty(channels, out_h, out_w)
+        for rows, taps, weight in _banded_blocks(in_h, out_h, _RESIZE_ROW_BLOCK, x.device):
+            for c in range(channels):
+                torch.mm(weight, source[c, taps], out=x[c, rows])
+    return x if (in_h, in_w) != (out_h, out_w) else x.clone()
+
+
 def is_tracing() -> bool:
     """True while torch.jit.trace / the TorchScript ONNX exporter or torch.export records the
     graph: shape branches must then be avoided so that one export serves every input size, and
@@ -699,5 +767,4 @@ class RelativeBiasAttention(nn.Module):
         bias = head_map(gather_offset_bias(table.view(heads, side, side), (ref_q, ref_q),
                                            (side, side), step))
         n_q, n_k = query_size[0] * query_size[1], key_size[0] * key_size[1]
-        return F.interpolate(bias[None].float(), size=(n_q, n_k), mode='bicubic',
-                             align_corners=False)[0].to(table.dtype)
+        return resize_bicubic(bias.float(), (n_q, n_k)).to(table.dtype)
