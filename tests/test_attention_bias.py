@@ -245,15 +245,17 @@ def test_query_chunked_inference_equals_the_full_maps(cls, monkeypatch):
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+@pytest.mark.parametrize('batch', [1, 2])
 @pytest.mark.parametrize('per_head', [False, True])
-def test_chunked_softmax_attention_equals_the_formula(per_head, monkeypatch):
+def test_chunked_softmax_attention_equals_the_formula(per_head, batch, monkeypatch):
     """In inference, softmax_attention runs query chunks of all heads, or one head at a time
     when such chunks would have fewer than MIN_CHUNK_ROWS rows; both paths (with and without a
-    bias, on a strided head view as EfficientFormer passes) equal the written-out formula."""
+    bias, on a strided head view as EfficientFormer passes; the bias added by addmm, by baddbmm
+    for one image's heads, or after the GEMM) equal the written-out formula."""
     from mmeformer.models import layers
     torch.manual_seed(0)
-    q = torch.randn(2, 50, 3, 8).transpose(1, 2)  # a (B, heads, N, d) strided view
-    k, v = torch.randn(2, 3, 70, 8), torch.randn(2, 3, 70, 12)
+    q = torch.randn(batch, 50, 3, 8).transpose(1, 2)  # a (B, heads, N, d) strided view
+    k, v = torch.randn(batch, 3, 70, 8), torch.randn(batch, 3, 70, 12)
     bias = torch.randn(3, 50, 70)
     logits = q @ k.transpose(-2, -1) * 0.3
     monkeypatch.setattr(layers, 'QUERY_CHUNK_ELEMENTS', 1)  # chunks of 13 query rows

@@ -601,11 +601,27 @@ def _attend_in_chunks(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
     """``softmax(q kt + bias) v`` over the query ``chunks``, concatenated."""
     outs = []
     for rows in chunks:
-        attn = torch.matmul(query_rows(q, rows), kt)
-        if bias is not None:
-            attn = attn.add_(query_rows(bias, rows))  # in place: not needed for the backward
+        attn = _scores(query_rows(q, rows), kt,
+                       None if bias is None else query_rows(bias, rows))
         outs.append(torch.matmul(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+def _scores(q: torch.Tensor, kt: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``q kt + bias``; the bias added inside the GEMM (``addmm`` / ``baddbmm``) where its shape
+    allows: faster than a GEMM and an add on CPU (2-core EPYC, fp32: one head of V2-S0's
+    downsample, (210 x 16) @ (16 x 4200), 332 -> 264 us; (8 x 117 x 32) @ (32 x 1050), 450 ->
+    437 us)."""
+    if bias is None:
+        return torch.matmul(q, kt)
+    if q.dim() == 2 and bias.dim() == 2:
+        return torch.addmm(bias, q, kt)
+    if (q.dim() >= 3 and bias.dim() == 3 and q.shape[-3] == bias.shape[0]
+            and math.prod(q.shape[:-3]) == 1):  # one image: its heads are bias's batch
+        scores = torch.baddbmm(bias, q.reshape(bias.shape[0], *q.shape[-2:]),
+                               kt.reshape(bias.shape[0], *kt.shape[-2:]))
+        return scores.view(*q.shape[:-1], kt.shape[-1])
+    return torch.matmul(q, kt).add_(bias)  # in place: not needed for the backward
 
 
 def _per_head_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
