@@ -142,12 +142,15 @@ def check_sizes(shape: Tuple[int, int], dynamic: bool) -> List[Tuple[int, int]]:
     return [shape] + ([(h + 32, w + 64), (max(h - 33, 32), max(w - 21, 32))] if dynamic else [])
 
 
-def verify_onnx(model: nn.Module, path: str, sizes: Sequence[Tuple[int, int]]) -> Dict:
+def verify_onnx(model: nn.Module, path: str, sizes: Sequence[Tuple[int, int]],
+                batch: int = 1) -> Dict:
+    """Largest relative difference from PyTorch per input size, on ``batch`` images (more than
+    one only for an export with a dynamic batch axis)."""
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     results = {}
     for size in sizes:
-        x = torch.randn(1, 3, *size)
+        x = torch.randn(batch, 3, *size)
         with torch.no_grad():
             reference = model(x)
         results[size] = max(relative_errors(reference, session.run(None, {'image': x.numpy()})))

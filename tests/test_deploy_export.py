@@ -60,8 +60,9 @@ def test_dynamic_onnx_export_runs_at_other_sizes(cls, arch, tmp_path):
     model = fuse(randomize_(cls(arch=arch)), input_size=(96, 128))
     names = export_onnx(model, str(tmp_path / 'm.onnx'), (64, 96), dynamic=True)
     assert names == [f'stride{s}' for s in model.out_strides]
-    errors = verify_onnx(model, str(tmp_path / 'm.onnx'), [(96, 128), (65, 97)])
-    assert max(errors.values()) <= 1e-4, errors
+    for batch in (1, 2):  # the batch axis is dynamic too
+        errors = verify_onnx(model, str(tmp_path / 'm.onnx'), [(96, 128), (65, 97)], batch)
+        assert max(errors.values()) <= 1e-4, (batch, errors)
 
 
 def test_torchscript_export_matches(tmp_path):
@@ -76,6 +77,7 @@ def test_export_tool_exit_status(tmp_path):
                            '--dynamic', '--shape', '96', '128', '--out', str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and 'OK: largest difference' in proc.stdout, proc.stderr
+    assert proc.stdout.count(', batch 2: max relative difference') == 3, proc.stdout
 
 
 # One variant per family: each family has its own blocks, and so its own ops to convert.

@@ -61,9 +61,10 @@ def main(argv=None):
     if not args.no_fuse:
         fuse(model)  # the exporters freeze the attention biases of a fixed size themselves
     sizes = export.check_sizes(shape, args.dynamic)
+    batch = 2 if args.dynamic else 1  # a dynamic export's batch axis is dynamic too
     if args.format == 'onnx':
         names = export.export_onnx(model, args.out, shape, args.dynamic, args.opset)
-        errors = export.verify_onnx(model, args.out, sizes)
+        errors = export.verify_onnx(model, args.out, sizes, batch)
         print(f'ONNX opset {args.opset} (TorchScript-based exporter), outputs {names}')
     elif args.format == 'torchscript':
         export.export_torchscript(model, args.out, shape)
@@ -81,7 +82,8 @@ def main(argv=None):
         return 0
     worst = max(errors.values())
     for size, err in errors.items():
-        print(f'  {size[0]}x{size[1]}: max relative difference vs PyTorch {err:.2e}')
+        print(f'  {size[0]}x{size[1]}, batch {batch}: max relative difference vs PyTorch '
+              f'{err:.2e}')
     status = 'OK' if worst <= export.TOLERANCE else 'FAILED'
     print(f'{status}: largest difference {worst:.2e} (limit {export.TOLERANCE:.0e}); '
           f'wrote {args.out}')

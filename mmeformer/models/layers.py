@@ -617,8 +617,10 @@ def _scores(q: torch.Tensor, kt: torch.Tensor, bias: Optional[torch.Tensor]) -> 
         return torch.matmul(q, kt)
     if q.dim() == 2 and bias.dim() == 2:
         return torch.addmm(bias, q, kt)
+    # One image: its heads are the bias's batch. Not while tracing, where the batch size of the
+    # example input would be baked into the graph's reshapes (dynamic-batch ONNX exports).
     if (q.dim() >= 3 and bias.dim() == 3 and q.shape[-3] == bias.shape[0]
-            and math.prod(q.shape[:-3]) == 1):  # one image: its heads are bias's batch
+            and math.prod(q.shape[:-3]) == 1 and not is_tracing()):
         scores = torch.baddbmm(bias, q.reshape(bias.shape[0], *q.shape[-2:]),
                                kt.reshape(bias.shape[0], *kt.shape[-2:]))
         return scores.view(*q.shape[:-1], kt.shape[-1])
