@@ -165,30 +165,40 @@ def test_dist_train_two_cpu_processes_then_test(toy_root, tmp_path):
     assert test_run.stdout.splitlines()[-1].startswith('metrics: {')
 
 
-def test_distributed_train_leaves_no_process_group_to_the_interpreter_exit(toy_root, tmp_path,
-                                                                             monkeypatch):
-    """train() in a (one-process gloo) distributed run returns the unwrapped model with no
-    DistributedDataParallel wrapper left alive, not even as uncollected garbage, and the process
+def test_distributed_train_and_test_leave_no_process_group_to_the_interpreter_exit(
+        toy_root, tmp_path, monkeypatch):
+    """train() and test() in a (one-process gloo) distributed run leave no
+    DistributedDataParallel wrapper alive, not even as uncollected garbage, and the process
     group destroyed: the wrapper's reducer holds the group, and a group left to the interpreter's
-    exit could abort a rank that had finished its work (see _close_process_group)."""
+    exit could abort a rank that had finished its work (see _close_process_group). train()
+    returns the unwrapped model."""
     import gc
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     monkeypatch.chdir(toy_root)
-    for key, value in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
-                           MASTER_PORT=str(_free_port())).items():
-        monkeypatch.setenv(key, value)
-    cfg = load_config(str(REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformerv2_s0.py'),
-                      work_dir=str(tmp_path / 'work'), launcher='pytorch', cfg_options={
-                          'train_cfg.max_iters': 1, 'train_cfg.val_interval': 10,
-                          'default_hooks.checkpoint.interval': 1,
-                          'train_dataloader.batch_size': 1})
+    config = str(REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformerv2_s0.py')
+    options = {'train_cfg.max_iters': 1, 'train_cfg.val_interval': 10,
+               'default_hooks.checkpoint.interval': 1, 'train_dataloader.batch_size': 1}
+
+    def launch():  # torchrun's environment for one process
+        for key, value in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+                               MASTER_PORT=str(_free_port())).items():
+            monkeypatch.setenv(key, value)
+        return load_config(config, work_dir=str(tmp_path / 'work'), launcher='pytorch',
+                           cfg_options=options)
+
+    def wrappers_alive():
+        return [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+
     try:
-        model = train(cfg)
+        model = train(launch())
         assert dist.is_available() and not dist.is_initialized()
         assert type(model).__name__ == 'EncoderDecoder'
-        assert [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)] == []
+        assert wrappers_alive() == []
+        metrics = run_test(launch(), str(tmp_path / 'work' / 'iter_1.pth'))
+        assert 'mIoU' in metrics
+        assert not dist.is_initialized() and wrappers_alive() == []
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
