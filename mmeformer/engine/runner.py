@@ -337,7 +337,8 @@ def _close_process_group() -> None:
     2-process CPU training; pytorch/pytorch#190489). Destroying the group is not enough: the
     DistributedDataParallel wrapper, whose reducer holds the group, lives on in reference
     cycles with the runner until a garbage collection, so the group itself was still freed at
-    exit (one abort in 9 launches on a loaded 2-core machine). Callers drop their runner first.
+    exit (a 2-process launch on a loaded 2-core machine: 1 abort in 8 launches; with the
+    collection here, 0 in 16). Callers drop their runner first.
     Not called when the run raised: other ranks may still be inside a collective."""
     import torch.distributed as dist
     gc.collect()
