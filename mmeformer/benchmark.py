@@ -158,11 +158,16 @@ def square_matmul(device: str, dtype: torch.dtype, n: int = MATMUL_SIZE) -> Call
     return lambda: a @ b
 
 
+def gflop_per_s(flop: float, ms: float) -> float:
+    """Throughput of ``flop`` floating-point operations done in ``ms`` milliseconds."""
+    return flop / ms * 1e-6
+
+
 @torch.inference_mode()
 def matmul_gflops(device: str, dtype: torch.dtype, n: int = MATMUL_SIZE,
                   repeats: int = 5) -> float:
     median, _ = time_ms(square_matmul(device, dtype, n), 2, repeats, device)
-    return 2 * n ** 3 / (median / 1e3) / 1e9
+    return gflop_per_s(2 * n ** 3, median)
 
 
 class TimmFeatures(torch.nn.Module):
@@ -276,9 +281,9 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAU
             with torch.inference_mode():
                 results = time_interleaved(timed, warmup, repeats, device)
             matmul_median, _ = results.pop('matmul')
-            group_peak = 2 * MATMUL_SIZE ** 3 / (matmul_median / 1e3) / 1e9
+            group_peak = gflop_per_s(2 * MATMUL_SIZE ** 3, matmul_median)
             for (impl, runtime, batch, note), (median, p90) in results.items():
-                achieved = 2 * macs * batch / (median / 1e3) / 1e9
+                achieved = gflop_per_s(2 * macs * batch, median)
                 report.measurements.append(Measurement(
                     variant, impl, runtime, size[0], size[1], batch, threads, dtype,
                     round(median, 2), round(p90, 2), round(params / 1e6, 3),
@@ -507,7 +512,7 @@ class Profile:
     @property
     def matrix_gflops(self) -> float:
         """Achieved throughput of the matrix ops (GEMMs, convolutions) together."""
-        return sum(self.ops_gflop.values()) / max(self.matrix_ms, 1e-9) * 1e3
+        return gflop_per_s(sum(self.ops_gflop.values()) * 1e9, max(self.matrix_ms, 1e-9))
 
 
 def profile(variants: Sequence[str], sizes: Sequence[Tuple[int, int]], compare: bool = False,
@@ -574,7 +579,7 @@ def profile_markdown(rows: Sequence[Profile], top: int = 5) -> str:
     for r in rows:
         ops = []
         for name, ms in list(r.ops_ms.items())[:top]:
-            rate = (f' [{r.ops_gflop[name] / ms * 1e3:.0f} GFLOP/s]'
+            rate = (f' [{gflop_per_s(r.ops_gflop[name] * 1e9, ms):.0f} GFLOP/s]'
                     if name in r.ops_gflop and ms > 0 else '')
             ops.append(f'{name} {ms:.1f}{rate}')
         lines.append(f'| {r.variant} | {r.height}x{r.width} | {r.implementation} | '

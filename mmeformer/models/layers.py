@@ -174,6 +174,13 @@ def _tensor_state(t: Optional[torch.Tensor]) -> tuple:
     return (t.data_ptr(), 0 if t.is_inference() else t._version)
 
 
+def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when autograd records an op on any of ``tensors`` (None entries ignored): the
+    eval-only shortcuts (folded weights, cached biases, no-autograd kernels) must then step
+    aside."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _apply_act(x: torch.Tensor, act: Optional[nn.Module]) -> torch.Tensor:
     return x if act is None else act(x)
 
@@ -324,7 +331,7 @@ class FoldsBatchNorm(nn.Module):
         tensors = (params['weight'], params.get('bias'), bn_params.get('weight'),
                    bn_params.get('bias'), bn_buffers['running_mean'], bn_buffers['running_var'],
                    bn_buffers.get('num_batches_tracked'))
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if records_grad(*tensors):
             return _apply_act(bn(conv2d(conv, x)), act)
         if is_compiling():
             return conv2d(conv, x, *folded_conv_bn(conv.weight, conv.bias, bn), act=act)
@@ -404,8 +411,7 @@ def run_blocks(blocks, x, with_cp: bool, *args):
     """Run ``blocks`` in order, with activation checkpointing per block when asked and useful.
     The backward pass re-runs each checkpointed block; that re-run must not update the
     BatchNorm running statistics a second time."""
-    use_cp = with_cp and torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in blocks.parameters()))
+    use_cp = with_cp and records_grad(x, *blocks.parameters())
     for block in blocks:
         if use_cp and block.training:
             x = checkpoint(block, x, *args, use_reentrant=False,
@@ -449,7 +455,7 @@ def gather_offset_bias(grid: torch.Tensor, query_size: Tuple[int, int],
     heads = grid.shape[0]
     dy = axis_offsets(hq, hk, query_step, grid.device)
     dx = axis_offsets(wq, wk, query_step, grid.device)
-    if is_tracing() or (torch.is_grad_enabled() and grid.requires_grad):
+    if is_tracing() or records_grad(grid):
         # Advanced indexing: its backward accumulates into the small grid.
         bias = grid[:, dy[:, None, :, None], dx[None, :, None, :]]  # (heads, hq, wq, hk, wk)
     else:
@@ -488,7 +494,7 @@ def bicubic_taps(in_len: int, out_len: int) -> Tuple[torch.Tensor, torch.Tensor]
 _RESIZE_ROW_BLOCK, _RESIZE_COL_BLOCK = 32, 64
 
 
-def _banded_blocks(in_len: int, out_len: int, block: int, device) -> list:
+def _banded_blocks(in_len: int, out_len: int, block: int) -> list:
     """The bicubic resize along one axis as a banded (out_len, in_len) matrix, in dense blocks
     of ``block`` output rows: (output slice, input slice, block weights)."""
     index, weights = bicubic_taps(in_len, out_len)
@@ -497,8 +503,7 @@ def _banded_blocks(in_len: int, out_len: int, block: int, device) -> list:
         idx, w = index[start:start + block], weights[start:start + block]
         first, last = int(idx.min()), int(idx.max())
         dense = torch.zeros(idx.shape[0], last + 1 - first).scatter_add_(1, idx - first, w)
-        blocks.append((slice(start, start + idx.shape[0]), slice(first, last + 1),
-                       dense.to(device)))
+        blocks.append((slice(start, start + idx.shape[0]), slice(first, last + 1), dense))
     return blocks
 
 
@@ -515,16 +520,16 @@ def resize_bicubic(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     out_h, out_w = size
     channels, in_h, in_w = x.shape
     if (x.device.type != 'cpu' or x.dtype != torch.float32 or is_tracing() or is_compiling()
-            or (torch.is_grad_enabled() and x.requires_grad)):
+            or records_grad(x)):
         return F.interpolate(x[None], size=size, mode='bicubic', align_corners=False)[0]
     # An axis whose size stays is an identity in ATen too (weights 0, 1, 0, 0).
     if in_w != out_w:
         flat, x = x.reshape(channels * in_h, in_w), x.new_empty(channels, in_h, out_w)
-        for cols, taps, weight in _banded_blocks(in_w, out_w, _RESIZE_COL_BLOCK, x.device):
+        for cols, taps, weight in _banded_blocks(in_w, out_w, _RESIZE_COL_BLOCK):
             torch.mm(flat[:, taps], weight.t(), out=x.view(-1, out_w)[:, cols])
     if in_h != out_h:
         source, x = x, x.new_empty(channels, out_h, out_w)
-        for rows, taps, weight in _banded_blocks(in_h, out_h, _RESIZE_ROW_BLOCK, x.device):
+        for rows, taps, weight in _banded_blocks(in_h, out_h, _RESIZE_ROW_BLOCK):
             for c in range(channels):
                 torch.mm(weight, source[c, taps], out=x[c, rows])
     return x if (in_h, in_w) != (out_h, out_w) else x.clone()
@@ -748,8 +753,7 @@ class RelativeBiasAttention(nn.Module):
         it may then be cached."""
         if self.frozen_sizes is not None:
             return True
-        return not self.training and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in self._bias_inputs()))
+        return not self.training and not records_grad(*self._bias_inputs())
 
     def _bias_inputs(self) -> Tuple[torch.Tensor, ...]:
         """Tensors the bias is computed from; a cached bias is valid while none changed."""
