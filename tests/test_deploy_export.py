@@ -174,7 +174,10 @@ def test_benchmark_quick_writes_its_report(tmp_path):
     for m in report['measurements']:
         assert m['matmul_gflops'] > 0
         achieved = 2 * m['gmacs'] * m['batch'] / (m['median_ms'] / 1e3)  # GFLOP/s, unrounded
-        assert m['matmul_fraction'] == pytest.approx(achieved / m['matmul_gflops'], rel=0.02)
+        # The report rounds the share to 4 decimals: at these tiny sizes (shares of about 0.1%)
+        # that alone is several % of it, hence the absolute half-unit.
+        assert m['matmul_fraction'] == pytest.approx(achieved / m['matmul_gflops'], rel=0.02,
+                                                     abs=5e-5)
     assert len({m['matmul_gflops'] for m in report['measurements']}) >= 2  # one per setting
     assert '| efficientvit_m4 | mmeformer | onnxruntime | 96x128 |' in \
         (tmp_path / 'latency.md').read_text()
