@@ -457,10 +457,53 @@ def test_wide_gemm_weights_are_packed_once_and_follow_changes():
         assert narrow.weight not in layers._onednn_weights
 
 
+def test_folded_gemm_weights_keep_only_their_packed_copy():
+    """A pointwise conv + BN that runs through oneDNN in CPU inference keeps its folded weight
+    only in oneDNN's packed layout (no third copy of the weight beside the parameters); the
+    packed copy follows changes of the BN, and a call that cannot use oneDNN folds a plain
+    copy, with the same numbers."""
+    import torch.nn.functional as F
+
+    from mmeformer.models import layers
+    if not layers._HAS_ONEDNN_POINTWISE:
+        pytest.skip('this torch build has no oneDNN fused kernels')
+    torch.manual_seed(0)
+    pair = layers.ConvNorm(64, layers._ONEDNN_MIN_WEIGHT_ELEMENTS // 64)
+    with torch.no_grad():
+        pair.bn.running_mean.normal_()
+        pair.bn.running_var.uniform_(0.5, 2.)
+        pair.bn.weight.normal_()
+    pair.eval()
+    x = torch.randn(1, 64, 7, 9).contiguous(memory_format=torch.channels_last)
+    conv_key = id(pair.conv)
+
+    def expected():
+        return pair.bn(F.conv2d(x, pair.conv.weight, pair.conv.bias))
+
+    with torch.no_grad():
+        out, ran = ops_that_ran(lambda: pair(x))
+        assert 'mkldnn::_linear_pointwise' in ran
+        torch.testing.assert_close(out, expected(), rtol=1e-5, atol=1e-5)
+        assert set(pair._fold_cache) == {(conv_key, True)}
+        packed = pair._fold_cache[(conv_key, True)][1]
+        pair(x)
+        assert pair._fold_cache[(conv_key, True)][1] is packed  # packed once
+        pair.bn.weight.mul_(-2.)
+        torch.testing.assert_close(pair(x), expected(), rtol=1e-5, atol=1e-5)
+        assert pair._fold_cache[(conv_key, True)][1] is not packed
+        with layers.onednn_fusion(False):
+            out, ran = ops_that_ran(lambda: pair(x))
+        assert 'mkldnn::_linear_pointwise' not in ran
+        torch.testing.assert_close(out, expected(), rtol=1e-5, atol=1e-5)
+        assert set(pair._fold_cache) == {(conv_key, True), (conv_key, False)}
+    pair.eval()
+    assert not pair._fold_cache
+
+
 def test_packed_gemm_weights_are_dropped_with_the_eval_caches():
-    """Packed weights die with the folded weights they were made from, and ``eval()`` drops
-    those of the parameters: after a write through ``.data`` (which no version counter sees)
-    the model computes with the new values."""
+    """Packed weights die with their fold caches, and ``eval()`` drops those of the
+    parameters: after a write through ``.data`` (which no version counter sees) the model
+    computes with the new values."""
     import gc
 
     from mmeformer.models import layers
@@ -475,7 +518,8 @@ def test_packed_gemm_weights_are_dropped_with_the_eval_caches():
         model(x)
         mlp_weight = model.stages[3].blocks[-1].mlp.fc1.weight  # a parameter, packed
         assert mlp_weight in layers._onednn_weights
-        assert len(layers._onednn_weights) > before + 1  # folded 1x1 conv weights too
+        pool_mlp = model.stages[0].blocks[0].mlp  # 1x1 convs + BN: packed in its fold cache
+        assert (id(pool_mlp.fc1), True) in pool_mlp._fold_cache
         mlp_weight.data.mul_(-1.)
         stale = model(x)
         model.eval()

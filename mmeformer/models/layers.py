@@ -235,19 +235,24 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not is_compiling() and not torch.is_autocast_enabled('cpu'))
 
 
-# Packed copies of GEMM weights, keyed on the weight tensor itself: an entry dies with its
-# tensor (a folded weight dropped from its fold cache) and is rebuilt when the tensor's storage
-# or in-place version changes; MobileBackbone.train() drops those of its parameters.
+def _packed_gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in, 1, 1) or (out, in) in oneDNN's blocked GEMM layout: oneDNN
+    otherwise reorders it on every call (the cost that kept small GEMMs on F.linear)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().flatten(1), None)
+
+
+# Packed copies of parameters, keyed on the parameter itself: an entry dies with its tensor and
+# is rebuilt when the tensor's storage or in-place version changes; MobileBackbone.train()
+# drops those of its parameters. (Folded conv + BN weights keep theirs in their fold cache.)
 _onednn_weights = WeakIdKeyDictionary()
 
 
 def _onednn_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (out, in, 1, 1) or (out, in) in oneDNN's blocked GEMM layout, packed once:
-    oneDNN otherwise reorders it on every call (the cost that kept small GEMMs on F.linear)."""
+    """``weight`` packed for oneDNN (:func:`_packed_gemm_weight`) once."""
     state = _tensor_state(weight)
     entry = _onednn_weights.get(weight)
     if entry is None or entry[0] != state:
-        entry = (state, torch.ops.mkldnn._reorder_linear_weight(weight.detach().flatten(1), None))
+        entry = (state, _packed_gemm_weight(weight))
         _onednn_weights[weight] = entry
     return entry[1]
 
@@ -282,6 +287,16 @@ def linear(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = N
     return _apply_act(F.linear(x, weight.flatten(1), bias), act)
 
 
+def _gemm_rows(conv: nn.Conv2d, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The NHWC view of ``x`` when ``conv`` is a pointwise conv that runs on it as a GEMM (see
+    :func:`conv2d`), else None."""
+    if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.groups == 1 and x.dim() == 4 and not is_tracing()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return x.permute(0, 2, 3, 1)
+    return None
+
+
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
            bias: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None) -> torch.Tensor:
     """``act(conv(x))`` (with other ``weight`` / ``bias`` when given). A pointwise conv on a
@@ -290,10 +305,9 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = No
     kernel (see :func:`linear`)."""
     if weight is None:
         weight, bias = conv.weight, conv.bias
-    if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
-            and conv.groups == 1 and x.dim() == 4 and not is_tracing()
-            and x.is_contiguous(memory_format=torch.channels_last)):
-        return linear(conv, x.permute(0, 2, 3, 1), weight, bias, act).permute(0, 3, 1, 2)
+    rows = _gemm_rows(conv, x)
+    if rows is not None:
+        return linear(conv, rows, weight, bias, act).permute(0, 3, 1, 2)
     post_op = _onednn_post_op(act)
     if (act is not None and post_op is not None and conv.padding_mode == 'zeros'
             and not isinstance(conv.padding, str) and _onednn_applies(x, weight)):
@@ -335,14 +349,33 @@ class FoldsBatchNorm(nn.Module):
             return _apply_act(bn(conv2d(conv, x)), act)
         if is_compiling():
             return conv2d(conv, x, *folded_conv_bn(conv.weight, conv.bias, bn), act=act)
-        cache = self.__dict__.setdefault('_fold_cache', {})
         key = (bn.eps, ) + tuple(_tensor_state(t) for t in tensors)
-        entry = cache.get(id(conv))
+        rows, post_op = _gemm_rows(conv, x), _onednn_post_op(act)
+        if rows is not None and post_op is not None and _onednn_gemm(rows, conv.weight):
+            packed, bias = self._folded(conv, bn, key, packed=True)
+            return torch.ops.mkldnn._linear_pointwise(rows, packed, bias,
+                                                      *post_op).permute(0, 3, 1, 2)
+        return conv2d(conv, x, *self._folded(conv, bn, key), act=act)
+
+    def _folded(self, conv: nn.Conv2d, bn: nn.Module, key: tuple,
+                packed: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The pair's folded (weight, bias), cached under ``key``; with ``packed`` the weight
+        in oneDNN's GEMM layout, and then only that copy is kept: beside the parameters, a
+        plain folded copy of every packed weight would add a third copy (measured before
+        this cache kept the packed one: efficientformerv2_l at 224 took 200 MB more memory on
+        its first inference, its fused deploy model 95 MB)."""
+        cache = self.__dict__.setdefault('_fold_cache', {})
+        entry = cache.get((id(conv), packed))
         if entry is None or entry[0] != key:
-            with torch.no_grad():
-                entry = (key, *folded_conv_bn(conv.weight, conv.bias, bn))
-            cache[id(conv)] = entry
-        return conv2d(conv, x, entry[1], entry[2], act)
+            plain = cache.get((id(conv), False))
+            if plain is not None and plain[0] == key:
+                weight, bias = plain[1:]
+            else:
+                with torch.no_grad():
+                    weight, bias = folded_conv_bn(conv.weight, conv.bias, bn)
+            entry = (key, _packed_gemm_weight(weight) if packed else weight, bias)
+            cache[(id(conv), packed)] = entry
+        return entry[1], entry[2]
 
     def train(self, mode: bool = True):
         self.__dict__['_fold_cache'] = {}
