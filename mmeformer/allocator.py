@@ -23,24 +23,42 @@ _M_MMAP_THRESHOLD = -3
 _state = {'kept': False}
 
 
+def _glibc():
+    """glibc through ctypes, or None where the C library is another one."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        libc.mallopt, libc.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def keep_freed_memory(mmap_threshold: int = 1 << 30, top_pad: int = 64 << 20) -> bool:
     """Make glibc serve blocks below ``mmap_threshold`` from its heap and never trim freed memory
     back to the kernel, for this whole process (the resident size then stays at its peak, as
     with a caching allocator). Returns False, changing nothing, where the C library is not
     glibc. Equivalent environment: ``MALLOC_MMAP_THRESHOLD_=1073741824
     MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=67108864``."""
-    name = ctypes.util.find_library('c')
-    try:
-        libc = ctypes.CDLL(name or 'libc.so.6')
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, 2**31 - 1),
         (_M_TOP_PAD, top_pad)))
     _state['kept'] = _state['kept'] or ok
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Return glibc's free heap memory to the kernel (``malloc_trim(0)``), so that the resident
+    size counts live memory only; False where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def allocator_description() -> str:

@@ -24,11 +24,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import torch
 
-from .allocator import allocator_description, keep_freed_memory
+from .allocator import allocator_description, keep_freed_memory, release_freed_memory
 from .complexity import count_macs, count_params
 from .deploy import fuse
 from .export import arch_names, build_model, export_onnx
-from .models.layers import RelativeBiasAttention
+from .models.layers import RelativeBiasAttention, eval_cache_bytes
 from .official_reference import build_official_reference
 
 RUNTIMES = ('eager', 'fused', 'compile', 'onnxruntime')
@@ -182,14 +182,35 @@ class TimmFeatures(torch.nn.Module):
         return self.model.forward_intermediates(x, intermediates_only=True)
 
 
-def _timm_model(variant: str, size: Tuple[int, int]) -> Optional[TimmFeatures]:
+def _timm_model(variant: str) -> TimmFeatures:
     import timm
     kwargs = dict(num_classes=0)
     if variant.startswith('efficientvit_'):
         kwargs['img_size'] = 512  # 7x7 windows everywhere: the downstream semantics
-    elif size != (224, 224):
-        return None  # timm's EfficientFormer V1/V2 run only at 224 x 224
     return TimmFeatures(timm.create_model(variant, **kwargs)).eval()
+
+
+def reference_builders(variant: str, base: torch.nn.Module,
+                       size: Tuple[int, int]) -> List[Tuple[str, str, str, Callable]]:
+    """(implementation, runtime, note, build) of the references that ``--compare`` sets beside
+    ``base`` (the mmeformer model of ``variant``) at ``size``; ``build()`` makes the model."""
+    items = []
+    # timm's EfficientFormer V1/V2 run only at 224 x 224.
+    if variant.startswith('efficientvit_') or size == (224, 224):
+        items.append(('timm', 'eager', 'img_size=512' if variant.startswith('efficientvit_')
+                      else '', lambda: _timm_model(variant)))
+    if not variant.startswith('efficientvit_') and size != (224, 224):
+        # The released dense weights were trained at 800 (COCO) or 512 (ADE20K).
+        bias_img_size = 800 if max(size) >= 640 else 512
+        arch = base.arch['name']
+        items.append(('mmeformer official-bias', 'eager',
+                      f"bias_mode='official', bias_img_size={bias_img_size}",
+                      lambda: type(base)(arch=arch, bias_mode='official',
+                                         bias_img_size=bias_img_size).eval()))
+        items.append(('official (re-implemented)', 'eager',
+                      'mmeformer.official_reference: bias gathered + resized every forward',
+                      lambda: build_official_reference(base.family, arch, bias_img_size).eval()))
+    return items
 
 
 def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
@@ -223,20 +244,9 @@ def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
         else:
             raise ValueError(f'unknown runtime {runtime!r}; choose from {RUNTIMES}')
     if compare:
-        reference = _timm_model(variant, size)
-        if reference is not None:
-            items.append(('timm', 'eager', reference,
-                          'img_size=512' if variant.startswith('efficientvit_') else ''))
-        if not variant.startswith('efficientvit_') and size != (224, 224):
-            # The released dense weights were trained at 800 (COCO) or 512 (ADE20K).
-            bias_img_size = 800 if max(size) >= 640 else 512
-            official = type(base)(arch=base.arch['name'], bias_mode='official',
-                                  bias_img_size=bias_img_size).eval()
-            items.append(('mmeformer official-bias', 'eager', official,
-                          f"bias_mode='official', bias_img_size={bias_img_size}"))
-            reference = build_official_reference(base.family, base.arch['name'], bias_img_size)
-            items.append(('official (re-implemented)', 'eager', reference.eval(),
-                          'mmeformer.official_reference: bias gathered + resized every forward'))
+        items += [(implementation, runtime, build(), note)
+                  for implementation, runtime, note, build in reference_builders(variant, base,
+                                                                                  size)]
     return items
 
 
@@ -591,10 +601,81 @@ def profile_markdown(rows: Sequence[Profile], top: int = 5) -> str:
     return '\n'.join(lines) + '\n'
 
 
-# -- training memory ---------------------------------------------------------------------------
+# -- memory ------------------------------------------------------------------------------------
 def _resident_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _reset_peak_resident() -> int:
+    """Restart the kernel's peak resident-set count (VmHWM) from now (Linux >= 4.0) and return
+    the resident bytes, with glibc's free heap memory returned first so that they count live
+    memory only."""
+    release_freed_memory()
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return _resident_bytes()
+
+
+def _peak_resident_bytes() -> int:
+    with open('/proc/self/status') as f:
+        kib = next(line.split()[1] for line in f if line.startswith('VmHWM:'))
+    return int(kib) * 1024
+
+
+def eval_memory(variant: str, size: Tuple[int, int], implementation: str = 'mmeformer',
+                runtime: str = 'eager', device: str = 'cpu') -> Dict:
+    """Memory of inference (eval, no grad, batch 1): the first forward's peak above the model and
+    input, and what stays held after a second one (the caches later forwards reuse), both
+    measured, and the bytes of mmeformer's inference caches counted (``eval_cache_bytes``).
+
+    CPU: resident-set sizes, glibc's free heap memory returned to the kernel before each reading
+    (Linux); CUDA: allocated bytes. Run each in a fresh process (``tools/benchmark.py
+    --eval-memory`` does): the model's own build leaves memory behind.
+    """
+    base = build_model(variant)
+    if implementation == 'mmeformer' and runtime in ('eager', 'fused'):
+        model = fuse(base) if runtime == 'fused' else base
+    else:
+        builds = [build for impl, rt, _, build in reference_builders(variant, base, size)
+                  if (impl, rt) == (implementation, runtime)]
+        if not builds:
+            raise ValueError(f'no {implementation} / {runtime} model of {variant} at {size}')
+        model = builds[0]()
+    model = model.to(device).eval()
+    x = torch.randn(1, 3, *size, device=device)
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        if not os.path.exists('/proc/self/clear_refs'):
+            raise RuntimeError('CPU inference memory is measured from /proc (Linux only); '
+                               'use --device cuda elsewhere')
+        before = _reset_peak_resident()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+        first_s = time.perf_counter() - start
+        if device == 'cuda':
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        else:
+            peak = _peak_resident_bytes() - before
+        model(x)
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+    else:
+        release_freed_memory()
+        held = _resident_bytes() - before
+    return dict(variant=variant, implementation=implementation, runtime=runtime,
+                height=size[0], width=size[1], device=device,
+                params_mib=round(sum(p.numel() * p.element_size()
+                                     for p in model.parameters()) / 2 ** 20, 1),
+                peak_mib=round(peak / 2 ** 20, 1), held_mib=round(held / 2 ** 20, 1),
+                cache_mib=round(eval_cache_bytes(model) / 2 ** 20, 1),
+                first_forward_s=round(first_s, 2))
 
 
 def train_step_memory(variant: str, size: Tuple[int, int], batch: int = 2,

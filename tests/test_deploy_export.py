@@ -237,6 +237,52 @@ def test_detection_test_sizes_are_what_a_keep_ratio_test_pipeline_feeds():
     assert 20 < len(set(sizes)) < 100 and any(h > w for h, w in sizes)
 
 
+def test_eval_cache_bytes_counts_packed_folded_weights_and_biases():
+    from mmeformer.models import layers
+    if not layers._HAS_ONEDNN_POINTWISE:
+        pytest.skip('this torch build has no oneDNN fused kernels')
+    pair = layers.ConvNorm(64, 2048).eval()
+    x = torch.randn(1, 64, 7, 9).contiguous(memory_format=torch.channels_last)
+    attn = next(m for m in EfficientFormer('l1').eval().modules()
+                if isinstance(m, layers.RelativeBiasAttention))
+    assert layers.eval_cache_bytes(pair) == layers.eval_cache_bytes(attn) == 0
+    with torch.no_grad():
+        pair(x)  # a wide GEMM: its folded weight packed, and the folded bias
+        attn.attention_bias((7, 7), (7, 7))
+        attn.attention_bias((5, 6), (5, 6))
+    assert layers.eval_cache_bytes(pair) == (2048 * 64 + 2048) * 4
+    assert layers.eval_cache_bytes(attn) == 8 * (49 ** 2 + 30 ** 2) * 4
+    pair.eval()
+    assert layers.eval_cache_bytes(pair) == 0
+
+
+def test_benchmark_memory_reports_run_each_measurement_in_a_fresh_process(tmp_path):
+    """--eval-memory: eager, fused and (--compare) timm rows, with mmeformer's caches counted
+    and resident; --train-memory: the training step's peak."""
+    tool = str(REPO / 'tools' / 'benchmark.py')
+    proc = subprocess.run([sys.executable, tool, '--eval-memory', '--compare', '--variants',
+                           'efficientformer_l1', '--sizes', '224x224', '--out', str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.split(' | ') for line in (tmp_path / 'eval_memory.md').read_text().splitlines()
+            if line.startswith('| efficientformer_l1 |')]
+    assert [(r[2], r[3]) for r in rows] == [('mmeformer', 'eager'), ('mmeformer', 'fused'),
+                                            ('timm', 'eager')]
+    params, peak, held, caches = ([float(r[i]) for r in rows] for i in (4, 5, 6, 7))
+    assert 42 < params[0] < 45 and params[2] == params[0]  # 11.4 M float32 parameters
+    # mmeformer's eager caches hold every GEMM weight once more (packed or folded) and the
+    # 7x7 grid's (8, 49, 49) bias; timm caches nothing. The caches stay resident.
+    assert params[0] * 0.9 < caches[0] < params[0] * 1.1 and caches[2] == 0
+    assert held[0] > caches[0] * 0.9 and peak[0] >= held[0] * 0.9
+    proc = subprocess.run([sys.executable, tool, '--train-memory', '--variants',
+                           'efficientvit_m0', '--sizes', '128x128', '--out', str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row = next(line for line in (tmp_path / 'train_memory.md').read_text().splitlines()
+               if line.startswith('| efficientvit_m0 | mmeformer |'))
+    assert float(row.split(' | ')[2]) > 0
+
+
 def test_benchmark_size_stream_reports_time_per_image_and_cached_biases(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--size-stream',
                            '3', '--variants', 'efficientformerv2_s0', '--runtimes', 'eager',

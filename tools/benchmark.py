@@ -26,12 +26,16 @@ the mean time per image and the bytes of attention biases cached at the end: wha
 evaluation pays for new input sizes, which a fixed-size run never shows.
 """
 import argparse
+import json
+import os
+import subprocess
 import sys
+from typing import List
 
 import torch
 
 from mmeformer import benchmark
-from mmeformer.export import arch_names
+from mmeformer.export import arch_names, build_model
 
 QUICK = dict(variants=['efficientformer_l1', 'efficientformerv2_s0', 'efficientvit_m4'],
              sizes=[(224, 224), (512, 512)], runtimes=['eager', 'fused', 'onnxruntime'],
@@ -63,6 +67,12 @@ def main(argv=None):
                         help='instead of latency: peak memory of one training step (forward + '
                         'backward) per variant, each in a fresh process (default batch 2, '
                         '800x1344; with --compare also the official re-implementation)')
+    parser.add_argument('--eval-memory', action='store_true',
+                        help='instead of latency: memory of inference (batch 1, eval, no grad) '
+                        'per variant and runtime (eager, fused), each in a fresh process: peak '
+                        'above the model, memory held after two forwards, bytes of the '
+                        'inference caches (default 800x1344; with --compare also the '
+                        'references)')
     parser.add_argument('--profile', action='store_true',
                         help='instead of latency: time in the attention modules against the '
                         'rest, and per aten op, with the GFLOP/s of the matrix ops (CPU eager; '
@@ -82,6 +92,8 @@ def main(argv=None):
         parser.error('float16 on CPU is not a meaningful benchmark; use bfloat16 or --device cuda')
     if args.train_memory:
         return train_memory(args)
+    if args.eval_memory:
+        return eval_memory(args)
     if args.profile:
         return profile(args)
     if args.size_stream is not None:
@@ -153,45 +165,73 @@ def size_stream(args, parser) -> int:
     return 0
 
 
+def _in_fresh_processes(calls: List[str], threads: int) -> List[dict]:
+    """Run each ``mmeformer.benchmark`` call (Python source returning a dict) in its own process
+    (a process's peak resident set only grows); the rows of those that succeeded."""
+    rows = []
+    for call in calls:
+        code = (f'import json, torch; from mmeformer import benchmark; '
+                f'torch.set_num_threads({threads}); print(json.dumps(benchmark.{call}))')
+        done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f'{call}: failed: {done.stderr.strip().splitlines()[-1]}', flush=True)
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def _write_table(args, name: str, lines: List[str]) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f'{name}.md')
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    print(f'wrote md: {path}')
+
+
 def train_memory(args) -> int:
-    """Each measurement in its own process: a process's peak resident set only grows."""
-    import json
-    import os
-    import subprocess
     variants = args.variants or arch_names()
     (h, w), = args.sizes or [(800, 1344)]
     batch = args.batch_sizes[0] if args.batch_sizes != [1] else 2
-    rows = []
-    for variant in variants:
-        impls = ['mmeformer']
-        if args.compare and not variant.startswith('efficientvit_'):
-            impls.append('official (re-implemented)')
-        for impl in impls:
-            code = ('import json, torch; from mmeformer.benchmark import train_step_memory; '
-                    f'torch.set_num_threads({args.threads}); '
-                    f'print(json.dumps(train_step_memory({variant!r}, ({h}, {w}), {batch}, '
-                    f'{impl!r}, {args.device!r})))')
-            done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f'{variant} {impl}: failed: {done.stderr.strip().splitlines()[-1]}')
-                continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"{variant} {impl}: peak {row['peak_mib']:.0f} MiB, step {row['step_s']:.1f} s",
-                  flush=True)
+    calls = [f'train_step_memory({variant!r}, ({h}, {w}), {batch}, {impl!r}, {args.device!r})'
+             for variant in variants
+             for impl in ['mmeformer'] + (['official (re-implemented)'] if args.compare and
+                                          not variant.startswith('efficientvit_') else [])]
+    rows = _in_fresh_processes(calls, args.threads)
     lines = [f'Training step (forward + backward), batch {batch}, {h}x{w}, {args.device}, '
              f'{args.threads} threads, fp32, random weights; peak memory above the '
              'model + input (CPU: growth of the peak resident set).', '',
              '| variant | implementation | peak MiB | step s |', '|---|---|---|---|']
     lines += [f"| {r['variant']} | {r['implementation']} | {r['peak_mib']:.0f} | "
               f"{r['step_s']:.1f} |" for r in rows]
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, 'train_memory.md')
-    with open(path, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    print('\n'.join(lines))
-    print(f'wrote md: {path}')
+    _write_table(args, 'train_memory', lines)
     return 0 if rows else 1
+
+
+def eval_memory(args) -> int:
+    calls = []
+    for variant in args.variants or arch_names():
+        for h, w in args.sizes or [(800, 1344)]:
+            settings = [('mmeformer', runtime) for runtime in args.runtimes or ('eager', 'fused')]
+            if args.compare:
+                settings += [(impl, runtime) for impl, runtime, _, _ in
+                             benchmark.reference_builders(variant, build_model(variant), (h, w))]
+            calls += [f'eval_memory({variant!r}, ({h}, {w}), {impl!r}, {runtime!r}, '
+                      f'{args.device!r})' for impl, runtime in settings]
+    rows = _in_fresh_processes(calls, args.threads)
+    lines = [f'Inference (eval, no grad, batch 1), {args.device}, {args.threads} threads, fp32, '
+             'random weights, each in a fresh process. Peak: the first forward, above the model '
+             '+ input; held: after a second forward, what stays (CPU: resident set, free heap '
+             "memory returned first); caches: mmeformer's inference caches (folded and packed "
+             'weights, attention biases), counted.', '',
+             '| variant | size | implementation | runtime | params MiB | peak MiB | held MiB | '
+             'caches MiB | first forward s |', '|---|---|---|---|---|---|---|---|---|']
+    lines += [f"| {r['variant']} | {r['height']}x{r['width']} | {r['implementation']} | "
+              f"{r['runtime']} | {r['params_mib']:.1f} | {r['peak_mib']:.0f} | "
+              f"{r['held_mib']:.0f} | {r['cache_mib']:.1f} | {r['first_forward_s']:.2f} |"
+              for r in rows]
+    _write_table(args, 'eval_memory', lines)
+    return 0 if len(rows) == len(calls) else 1
 
 
 if __name__ == '__main__':

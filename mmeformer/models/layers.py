@@ -828,3 +828,23 @@ class RelativeBiasAttention(nn.Module):
                                            (side, side), step))
         n_q, n_k = query_size[0] * query_size[1], key_size[0] * key_size[1]
         return resize_bicubic(bias.float(), (n_q, n_k)).to(table.dtype)
+
+
+def eval_cache_bytes(model: nn.Module) -> int:
+    """Bytes held by ``model``'s inference caches: folded conv + BN weights (plain or packed),
+    packed copies of its parameters and cached attention biases."""
+    storages = {}
+    for module in model.modules():
+        held = [t for entry in module.__dict__.get('_fold_cache', {}).values() for t in entry[1:]]
+        if isinstance(module, RelativeBiasAttention):
+            held += list(module._bias_cache.values())
+        held += [_onednn_weights[p][1] for p in module.parameters(recurse=False)
+                 if p in _onednn_weights]
+        for t in held:
+            if t is None:
+                continue
+            if t.is_mkldnn:  # a packed weight: an opaque oneDNN tensor without a storage
+                storages[('packed', id(t))] = t.numel() * t.element_size()
+            else:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
