@@ -623,6 +623,25 @@ def _peak_resident_bytes() -> int:
     return int(kib) * 1024
 
 
+def _start_memory_count(device: str, what: str) -> int:
+    """Restart the peak count; returns the bytes in use now (CUDA: allocated, CPU: resident)."""
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    if not os.path.exists('/proc/self/clear_refs'):
+        raise RuntimeError(f'CPU {what} memory is measured from /proc (Linux only); '
+                           'use --device cuda elsewhere')
+    return _reset_peak_resident()
+
+
+def _peak_memory_since(device: str, before: int) -> int:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return _peak_resident_bytes() - before
+
+
 def eval_memory(variant: str, size: Tuple[int, int], implementation: str = 'mmeformer',
                 runtime: str = 'eager', device: str = 'cpu') -> Dict:
     """Memory of inference (eval, no grad, batch 1): the first forward's peak above the model and
@@ -644,24 +663,12 @@ def eval_memory(variant: str, size: Tuple[int, int], implementation: str = 'mmef
         model = builds[0]()
     model = model.to(device).eval()
     x = torch.randn(1, 3, *size, device=device)
-    if device == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        if not os.path.exists('/proc/self/clear_refs'):
-            raise RuntimeError('CPU inference memory is measured from /proc (Linux only); '
-                               'use --device cuda elsewhere')
-        before = _reset_peak_resident()
+    before = _start_memory_count(device, 'inference')
     start = time.perf_counter()
     with torch.no_grad():
         model(x)
         first_s = time.perf_counter() - start
-        if device == 'cuda':
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-        else:
-            peak = _peak_resident_bytes() - before
+        peak = _peak_memory_since(device, before)
         model(x)
     if device == 'cuda':
         torch.cuda.synchronize()
@@ -682,11 +689,11 @@ def train_step_memory(variant: str, size: Tuple[int, int], batch: int = 2,
                       implementation: str = 'mmeformer', device: str = 'cpu') -> Dict:
     """Peak memory of one training step (forward + backward of ``sum(mean(feature))``).
 
-    CUDA: peak allocated bytes above those held before the step. CPU: growth of the process's
-    peak resident set over its resident set before the step (Linux), so run each measurement in
-    a fresh process (``tools/benchmark.py --train-memory`` does).
+    CUDA: peak allocated bytes above those held before the step. CPU: the peak resident set
+    during the step above the resident set before it, glibc's free heap memory returned to the
+    kernel first (Linux); run each measurement in a fresh process (``tools/benchmark.py
+    --train-memory`` does).
     """
-    import resource
     if implementation == 'mmeformer':
         model = build_model(variant)
     elif implementation == 'official (re-implemented)':
@@ -696,22 +703,10 @@ def train_step_memory(variant: str, size: Tuple[int, int], batch: int = 2,
         raise ValueError(f'unknown implementation {implementation!r}')
     model = model.to(device).train()
     x = torch.randn(batch, 3, *size, device=device)
-    if device == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        if not os.path.exists('/proc/self/statm'):
-            raise RuntimeError('CPU training memory is measured from /proc (Linux only); '
-                               'use --device cuda elsewhere')
-        before = _resident_bytes()
+    before = _start_memory_count(device, 'training')
     start = time.perf_counter()
     sum(f.float().mean() for f in model(x)).backward()
-    if device == 'cuda':
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = _peak_memory_since(device, before)
     return dict(variant=variant, implementation=implementation, height=size[0], width=size[1],
                 batch=batch, device=device, peak_mib=round(peak / 2 ** 20, 1),
                 step_s=round(time.perf_counter() - start, 2))
