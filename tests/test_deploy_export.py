@@ -281,6 +281,9 @@ def test_benchmark_memory_reports_run_each_measurement_in_a_fresh_process(tmp_pa
     row = next(line for line in (tmp_path / 'train_memory.md').read_text().splitlines()
                if line.startswith('| efficientvit_m0 | mmeformer |'))
     assert float(row.split(' | ')[2]) > 0
+    rejected = subprocess.run([sys.executable, tool, '--eval-memory', '--runtimes', 'compile'],
+                              capture_output=True, text=True)
+    assert rejected.returncode == 2 and 'eager and fused runtimes only' in rejected.stderr
 
 
 def test_benchmark_size_stream_reports_time_per_image_and_cached_biases(tmp_path):

@@ -93,6 +93,8 @@ def main(argv=None):
     if args.train_memory:
         return train_memory(args)
     if args.eval_memory:
+        if set(args.runtimes or ()) - {'eager', 'fused'}:
+            parser.error('--eval-memory measures the eager and fused runtimes only')
         return eval_memory(args)
     if args.profile:
         return profile(args)
@@ -176,7 +178,10 @@ def _in_fresh_processes(calls: List[str], threads: int) -> List[dict]:
         if done.returncode != 0:
             print(f'{call}: failed: {done.stderr.strip().splitlines()[-1]}', flush=True)
             continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f'{call}: ' + ', '.join(f'{key} {value}' for key, value in row.items()
+                                      if key.endswith(('_mib', '_s'))), flush=True)
     return rows
 
 
