@@ -298,3 +298,34 @@ def test_v2_training_saves_no_bias_sized_tensors():
     assert len(talking_head_maps) == 3 * 4  # 4 attention blocks in s0
     assert len(downsample_maps) == 1
     sum(o.mean() for o in outs).backward()
+
+
+@pytest.mark.parametrize('cls', [EfficientFormer, EfficientFormerV2, EfficientViT])
+def test_cache_biases_off_computes_the_bias_in_every_forward(cls):
+    """``cache_biases=False``: the same outputs, each attention module computes its bias in every
+    inference forward and holds none; switching it on again caches, off again drops them."""
+    from mmeformer.benchmark import bias_cache_bytes
+    from mmeformer.models.layers import RelativeBiasAttention
+    torch.manual_seed(0)
+    cached = randomize_(cls()).eval()
+    uncached = cls(cache_biases=False).eval()
+    uncached.load_state_dict(cached.state_dict())
+    assert cached.cache_biases and not uncached.cache_biases
+    calls = []
+    attentions = [m for m in uncached.modules() if isinstance(m, RelativeBiasAttention)]
+    for attn in attentions:
+        attn._compute_bias = (lambda f: lambda *a: calls.append(1) or f(*a))(attn._compute_bias)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        for _ in range(2):
+            expected, got = cached(x), uncached(x)
+            for a, b in zip(expected, got):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        assert len(calls) == 2 * len(attentions)
+        assert bias_cache_bytes(uncached) == 0 < bias_cache_bytes(cached)
+        uncached.cache_biases = True
+        uncached(x)
+        uncached(x)
+        assert len(calls) == 3 * len(attentions) and bias_cache_bytes(uncached) > 0
+    uncached.cache_biases = False
+    assert bias_cache_bytes(uncached) == 0

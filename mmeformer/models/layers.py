@@ -710,6 +710,10 @@ class RelativeBiasAttention(nn.Module):
     through ``.data`` or edits of inference tensors, which no version counter records.
     """
 
+    # False: compute the bias in every forward, holding nothing between forwards (set through
+    # the backbone's ``cache_biases``).
+    cache_biases = True
+
     def _init_bias_table(self, num_heads: int, table_size: int, query_step: int = 1,
                          bias_mode: str = 'table', ref_key_size: Optional[int] = None):
         if bias_mode not in BIAS_MODES:
@@ -775,11 +779,16 @@ class RelativeBiasAttention(nn.Module):
             self._bias_cache[key] = bias  # the least recently used come first
             return bias
         bias = self._compute_bias(tuple(query_size), tuple(key_size)).detach()
+        if not self.cache_biases:
+            return bias
         self._bias_cache[key] = bias
         while len(self._bias_cache) > 1 and (len(self._bias_cache) > _MAX_CACHED_BIASES or
                                              self.cached_bias_bytes() > _MAX_CACHED_BIAS_BYTES):
             self._bias_cache.pop(next(iter(self._bias_cache)))
         return bias
+
+    def drop_cached_biases(self):
+        self._bias_cache = {}
 
     def cached_bias_bytes(self) -> int:
         """Bytes held by the eval bias cache."""

@@ -11,7 +11,8 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import BIAS_MODES, build_norm, forget_onednn_weights, is_tracing
+from ..layers import (BIAS_MODES, RelativeBiasAttention, build_norm, forget_onednn_weights,
+                      is_tracing)
 
 MIN_INPUT_SIZE = 32
 
@@ -114,6 +115,20 @@ class MobileBackbone(BaseModule):
         self.check_finite = check_finite
         if check_finite:
             self.register_forward_hook(_check_finite_outputs)
+
+    @property
+    def cache_biases(self) -> bool:
+        """Whether inference caches the attention biases per input size (see the backbones'
+        ``cache_biases`` argument)."""
+        return all(m.cache_biases for m in self.modules() if isinstance(m, RelativeBiasAttention))
+
+    @cache_biases.setter
+    def cache_biases(self, enabled: bool):
+        for module in self.modules():
+            if isinstance(module, RelativeBiasAttention):
+                module.cache_biases = bool(enabled)
+                if not enabled:
+                    module.drop_cached_biases()
 
     # -- construction helpers -----------------------------------------------------------------
     def _resolve_arch(self, arch: Union[str, dict]) -> dict:

@@ -224,7 +224,7 @@ class EfficientFormerV2(MobileBackbone):
             of stages 3 and 4) and ``mlp_ratios`` (one list per stage, one ratio per block).
         bias_mode: ``'table'`` (default) or ``'official'`` (snap-research dense backbone, with
             reference grids derived from ``bias_img_size``: 800 for COCO, 512 for ADE20K).
-        Other arguments (``check_finite``, ``channels_last`` included) as
+        Other arguments (``check_finite``, ``channels_last``, ``cache_biases`` included) as
         :class:`~mmeformer.models.EfficientFormer`.
     """
     family = 'EfficientFormerV2'
@@ -257,7 +257,8 @@ class EfficientFormerV2(MobileBackbone):
                  out_norm_cfg: Optional[dict] = None,
                  init_cfg: Optional[dict] = None,
                  check_finite: bool = False,
-                 channels_last: bool = True):
+                 channels_last: bool = True,
+                 cache_biases: bool = True):
         super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg,
                          check_finite, channels_last)
         self.arch = self._resolve_arch(arch)
@@ -298,6 +299,7 @@ class EfficientFormerV2(MobileBackbone):
             stages.append(Stage(downsample, blocks, with_cp))
         self.stages = nn.ModuleList(stages)
         self._setup_outputs(widths, [4, 8, 16, 32], out_norm_cfg)
+        self.cache_biases = cache_biases
 
     def _arch_problems(self, arch: dict) -> List[str]:
         depths, problems = arch['depths'], super()._arch_problems(arch)

@@ -203,7 +203,7 @@ class EfficientViT(MobileBackbone):
             ``kernels`` (q depthwise kernel per head index).
         window_size: attention window (7 in every stage, the downstream setting).
         out_indices: stages returned, strides 16, 32, 64.
-        Other arguments (``check_finite``, ``channels_last`` included) as
+        Other arguments (``check_finite``, ``channels_last``, ``cache_biases`` included) as
         :class:`~mmeformer.models.EfficientFormer`;
         ``out_norm_cfg`` defaults to None.
     """
@@ -237,7 +237,8 @@ class EfficientViT(MobileBackbone):
                  out_norm_cfg: Optional[dict] = None,
                  init_cfg: Optional[dict] = None,
                  check_finite: bool = False,
-                 channels_last: bool = True):
+                 channels_last: bool = True,
+                 cache_biases: bool = True):
         super().__init__(in_channels, out_indices, frozen_stages, norm_eval, with_cp, init_cfg,
                          check_finite, channels_last)
         self.arch = self._resolve_arch(arch)
@@ -266,6 +267,7 @@ class EfficientViT(MobileBackbone):
             stages.append(Stage(downsample, blocks, with_cp))
         self.stages = nn.ModuleList(stages)
         self._setup_outputs(widths, [16, 32, 64], out_norm_cfg)
+        self.cache_biases = cache_biases
 
     def _arch_problems(self, arch: dict) -> List[str]:
         problems = super()._arch_problems(arch)
