@@ -27,10 +27,9 @@ def _glibc():
     """glibc through ctypes, or None where the C library is another one."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        libc.mallopt, libc.malloc_trim  # glibc only
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    return libc
+    return libc if hasattr(libc, 'mallopt') and hasattr(libc, 'malloc_trim') else None
 
 
 def keep_freed_memory(mmap_threshold: int = 1 << 30, top_pad: int = 64 << 20) -> bool:
