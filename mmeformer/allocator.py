@@ -13,6 +13,7 @@ the same.
 """
 import ctypes
 import ctypes.util
+import functools
 import os
 
 # mallopt parameters (malloc.h).
@@ -23,6 +24,7 @@ _M_MMAP_THRESHOLD = -3
 _state = {'kept': False}
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
     """glibc through ctypes, or None where the C library is another one."""
     try:

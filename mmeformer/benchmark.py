@@ -607,13 +607,13 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def _reset_peak_resident() -> int:
-    """Restart the kernel's peak resident-set count (VmHWM) from now (Linux >= 4.0) and return
-    the resident bytes, with glibc's free heap memory returned first so that they count live
-    memory only."""
+def _memory_in_use(device: str) -> int:
+    """CUDA: allocated bytes; CPU: resident bytes, glibc's free heap memory returned to the
+    kernel first so that they count live memory only."""
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
     release_freed_memory()
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
     return _resident_bytes()
 
 
@@ -624,15 +624,18 @@ def _peak_resident_bytes() -> int:
 
 
 def _start_memory_count(device: str, what: str) -> int:
-    """Restart the peak count; returns the bytes in use now (CUDA: allocated, CPU: resident)."""
-    if device == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    if not os.path.exists('/proc/self/clear_refs'):
+    """Restart the peak count (CUDA's peak stats, or the kernel's peak resident set, VmHWM,
+    Linux >= 4.0) and return the memory in use now."""
+    if device != 'cuda' and not os.path.exists('/proc/self/clear_refs'):
         raise RuntimeError(f'CPU {what} memory is measured from /proc (Linux only); '
                            'use --device cuda elsewhere')
-    return _reset_peak_resident()
+    in_use = _memory_in_use(device)
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    return in_use
 
 
 def _peak_memory_since(device: str, before: int) -> int:
@@ -670,12 +673,7 @@ def eval_memory(variant: str, size: Tuple[int, int], implementation: str = 'mmef
         first_s = time.perf_counter() - start
         peak = _peak_memory_since(device, before)
         model(x)
-    if device == 'cuda':
-        torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated() - before
-    else:
-        release_freed_memory()
-        held = _resident_bytes() - before
+    held = _memory_in_use(device) - before
     return dict(variant=variant, implementation=implementation, runtime=runtime,
                 height=size[0], width=size[1], device=device,
                 params_mib=round(sum(p.numel() * p.element_size()

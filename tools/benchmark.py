@@ -216,11 +216,12 @@ def train_memory(args) -> int:
 def eval_memory(args) -> int:
     calls = []
     for variant in args.variants or arch_names():
+        base = build_model(variant) if args.compare else None  # names its references
         for h, w in args.sizes or [(800, 1344)]:
             settings = [('mmeformer', runtime) for runtime in args.runtimes or ('eager', 'fused')]
             if args.compare:
                 settings += [(impl, runtime) for impl, runtime, _, _ in
-                             benchmark.reference_builders(variant, build_model(variant), (h, w))]
+                             benchmark.reference_builders(variant, base, (h, w))]
             calls += [f'eval_memory({variant!r}, ({h}, {w}), {impl!r}, {runtime!r}, '
                       f'{args.device!r})' for impl, runtime in settings]
     rows = _in_fresh_processes(calls, args.threads)

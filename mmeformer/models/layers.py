@@ -746,16 +746,19 @@ class RelativeBiasAttention(nn.Module):
             del self._buffers['frozen_attention_bias']
 
     # -- cache invalidation -------------------------------------------------------------------
-    def train(self, mode: bool = True):
+    def drop_cached_biases(self):
         self._bias_cache = {}
+
+    def train(self, mode: bool = True):
+        self.drop_cached_biases()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._bias_cache = {}
+        self.drop_cached_biases()
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._bias_cache = {}
+        self.drop_cached_biases()
         self.unfreeze_bias()
         return super()._load_from_state_dict(*args, **kwargs)
 
@@ -770,7 +773,8 @@ class RelativeBiasAttention(nn.Module):
         if self.record_bias_sizes:
             self.recorded_bias_sizes = (tuple(query_size), tuple(key_size))
         table = self.attention_biases
-        if not self.bias_is_constant() or is_tracing() or is_compiling():
+        if (not self.cache_biases or not self.bias_is_constant() or is_tracing()
+                or is_compiling()):
             return self._compute_bias(tuple(query_size), tuple(key_size))
         key = (tuple(query_size), tuple(key_size), table.device, table.dtype,
                tuple(_tensor_state(t) for t in self._bias_inputs()))
@@ -779,16 +783,12 @@ class RelativeBiasAttention(nn.Module):
             self._bias_cache[key] = bias  # the least recently used come first
             return bias
         bias = self._compute_bias(tuple(query_size), tuple(key_size)).detach()
-        if not self.cache_biases:
-            return bias
         self._bias_cache[key] = bias
         while len(self._bias_cache) > 1 and (len(self._bias_cache) > _MAX_CACHED_BIASES or
                                              self.cached_bias_bytes() > _MAX_CACHED_BIAS_BYTES):
             self._bias_cache.pop(next(iter(self._bias_cache)))
         return bias
 
-    def drop_cached_biases(self):
-        self._bias_cache = {}
 
     def cached_bias_bytes(self) -> int:
         """Bytes held by the eval bias cache."""
@@ -842,11 +842,12 @@ class RelativeBiasAttention(nn.Module):
 def eval_cache_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s inference caches: folded conv + BN weights (plain or packed),
     packed copies of its parameters and cached attention biases."""
-    storages = {}
+    storages, bias_bytes = {}, 0
     for module in model.modules():
-        held = [t for entry in module.__dict__.get('_fold_cache', {}).values() for t in entry[1:]]
         if isinstance(module, RelativeBiasAttention):
-            held += list(module._bias_cache.values())
+            bias_bytes += module.cached_bias_bytes()
+        # A packed fold made from a plain one shares its bias tensor: count storages once.
+        held = [t for entry in module.__dict__.get('_fold_cache', {}).values() for t in entry[1:]]
         held += [_onednn_weights[p][1] for p in module.parameters(recurse=False)
                  if p in _onednn_weights]
         for t in held:
@@ -856,4 +857,4 @@ def eval_cache_bytes(model: nn.Module) -> int:
                 storages[('packed', id(t))] = t.numel() * t.element_size()
             else:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(storages.values())
+    return bias_bytes + sum(storages.values())
