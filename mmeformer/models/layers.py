@@ -205,7 +205,11 @@ def _onednn_post_op(act: Optional[nn.Module]) -> Optional[tuple]:
 _ONEDNN_MIN_LINEAR_ROWS = 1024
 _ONEDNN_MIN_OUT_FEATURES = 256
 _ONEDNN_MIN_WEIGHT_ELEMENTS = 1 << 17
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# bfloat16 only where the CPU has oneDNN's bfloat16 kernels (AVX512-BW/VL/DQ or AVX-NE-CONVERT):
+# elsewhere the fused ops raise instead of falling back.
+_ONEDNN_DTYPES = (torch.float32, ) + (
+    (torch.bfloat16, ) if torch.backends.mkldnn.is_available()
+    and getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)() else ())
 _HAS_ONEDNN_POINTWISE = (torch.backends.mkldnn.is_available()
                          and hasattr(torch.ops.mkldnn, '_linear_pointwise')
                          and hasattr(torch.ops.mkldnn, '_convolution_pointwise'))
