@@ -1,6 +1,5 @@
 """Shared helpers: random checkpoints built from the fixture key tables in ../shared."""
 import json
-import math
 import os
 import re
 import shutil
@@ -82,29 +81,6 @@ def random_checkpoint(fixture_path, out_path, seed=0, key_order=None):
         state = dict(reversed(list(state.items())))
     torch.save({spec['container']: state}, out_path)
     return spec
-
-
-def randomize_(module, seed=0):
-    """Give every float tensor of ``module`` a random value of realistic scale: fan-in scaled
-    weights, norm scales and layer scales near 1, unit-variance bias tables, random BN statistics
-    (so features keep their spatial structure and attention matters)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, value in module.state_dict().items():
-            if not value.is_floating_point():
-                continue
-            noise = torch.randn(value.shape, generator=gen)
-            if key.endswith('running_var'):
-                value.copy_(torch.rand(value.shape, generator=gen) + 0.5)
-            elif key.endswith('attention_biases'):
-                value.copy_(noise)
-            elif value.dim() >= 2:
-                value.copy_(0.5 * noise / math.sqrt(value[0].numel()))
-            elif key.endswith(('gamma', '.weight')):
-                value.copy_(1. + 0.1 * noise)
-            else:
-                value.copy_(0.1 * noise)
-    return module
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import randomize_
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
+from mmeformer.testing import randomize_
 
 
 def first_appearance_index(query_grid, key_grid, step):

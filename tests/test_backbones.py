@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ALL_ARCHS, backbone_class, randomize_
+from conftest import ALL_ARCHS, backbone_class
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
+from mmeformer.testing import randomize_
 
 SIZES = [(224, 224), (225, 331), (512, 512), (800, 1344), (37, 53)]
 

@@ -7,12 +7,13 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, randomize_
+from conftest import REPO
 from mmeformer.complexity import count_macs
 from mmeformer.deploy import fuse
 from mmeformer.export import build_model, export_coreml, export_onnx, export_torchscript, \
     verify_onnx, verify_torchscript
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
+from mmeformer.testing import randomize_
 
 ONE_PER_FAMILY = [(EfficientFormer, 'l1'), (EfficientFormerV2, 's0'), (EfficientViT, 'm0')]
 

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from conftest import ARCHS, FIXTURES, backbone_class, randomize_
+from conftest import ARCHS, FIXTURES, backbone_class
 from mmeformer.checkpoint import load_pretrained
 from mmeformer.official_reference import build_official_reference, first_appearance_bias_index
+from mmeformer.testing import randomize_
 
 TAGS = {'EfficientFormer': 'v1', 'EfficientFormerV2': 'v2'}
 BIAS_IMG_SIZE = {'det': 800, 'seg': 512}

@@ -5,8 +5,9 @@ import pytest
 import timm
 import torch
 
-from conftest import ALL_ARCHS, backbone_class, randomize_
+from conftest import ALL_ARCHS, backbone_class
 from mmeformer.checkpoint import load_pretrained
+from mmeformer.testing import randomize_
 
 
 TIMM_NAMES = {'EfficientFormer': 'efficientformer_{}', 'EfficientFormerV2': 'efficientformerv2_{}',
