@@ -27,7 +27,7 @@ import torch
 from .allocator import allocator_description, keep_freed_memory, release_freed_memory
 from .complexity import count_macs, count_params
 from .deploy import fuse
-from .export import arch_names, build_model, export_onnx
+from .export import arch_names, build_model, export_onnx, official_bias_img_size
 from .models.layers import RelativeBiasAttention, eval_cache_bytes
 from .official_reference import build_official_reference
 
@@ -200,16 +200,15 @@ def reference_builders(variant: str, base: torch.nn.Module,
         items.append(('timm', 'eager', 'img_size=512' if variant.startswith('efficientvit_')
                       else '', lambda: _timm_model(variant)))
     if not variant.startswith('efficientvit_') and size != (224, 224):
-        # The released dense weights were trained at 800 (COCO) or 512 (ADE20K).
-        bias_img_size = 800 if max(size) >= 640 else 512
-        arch = base.arch['name']
+        bias_img_size = official_bias_img_size(size)
         items.append(('mmeformer official-bias', 'eager',
                       f"bias_mode='official', bias_img_size={bias_img_size}",
-                      lambda: type(base)(arch=arch, bias_mode='official',
-                                         bias_img_size=bias_img_size).eval()))
+                      lambda: build_model(variant, bias_mode='official',
+                                          bias_img_size=bias_img_size)))
         items.append(('official (re-implemented)', 'eager',
                       'mmeformer.official_reference: bias gathered + resized every forward',
-                      lambda: build_official_reference(base.family, arch, bias_img_size).eval()))
+                      lambda: build_official_reference(base.family, base.arch['name'],
+                                                       bias_img_size).eval()))
     return items
 
 

@@ -43,13 +43,24 @@ class BackboneWithNeck(nn.Module):
         return tuple(self.neck(self.backbone(x)))
 
 
+def official_bias_img_size(size: Tuple[int, int]) -> int:
+    """``bias_img_size`` of the released dense weights for inputs of ``size``: 800 (COCO) at
+    detection sizes, 512 (ADE20K) below."""
+    return 800 if max(size) >= 640 else 512
+
+
 def build_model(name_or_config: str, checkpoint: Optional[str] = None,
-                with_neck: bool = False) -> nn.Module:
+                with_neck: bool = False, bias_mode: Optional[str] = None,
+                bias_img_size: Optional[int] = None) -> nn.Module:
     """A backbone from an arch name (``efficientformerv2_s0``) or from the backbone (and, with
-    ``with_neck``, the neck) of a detection / segmentation config."""
+    ``with_neck``, the neck) of a detection / segmentation config. ``bias_mode`` and
+    ``bias_img_size`` (EfficientFormer V1 / V2 arch names) choose the attention-bias handling
+    instead of the default ``'table'``."""
     from . import models
     from .checkpoint import load_pretrained
     if name_or_config.endswith('.py'):
+        if bias_mode is not None or bias_img_size is not None:
+            raise ValueError('with a config, set bias_mode / bias_img_size in its backbone')
         if not os.path.isfile(name_or_config):
             raise FileNotFoundError(f'config {name_or_config!r} not found')
         from mmengine.config import Config
@@ -72,7 +83,12 @@ def build_model(name_or_config: str, checkpoint: Optional[str] = None,
                              f'{arch_names()} or pass a config file')
         if with_neck:
             raise ValueError('--with-neck needs a detection or segmentation config')
-        backbone = getattr(models, family)(arch=name_or_config.split('_', 1)[1])
+        bias_args = {k: v for k, v in dict(bias_mode=bias_mode, bias_img_size=bias_img_size)
+                     .items() if v is not None}
+        if bias_args and family == 'EfficientViT':
+            raise ValueError(f'{name_or_config} has no bias_mode / bias_img_size (its windows '
+                             f'keep the bias table size)')
+        backbone = getattr(models, family)(arch=name_or_config.split('_', 1)[1], **bias_args)
         neck = None
     if checkpoint:
         load_pretrained(backbone, checkpoint)
