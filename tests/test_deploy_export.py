@@ -114,6 +114,17 @@ def test_export_coreml_freezes_the_attention_biases_of_its_own_size(tmp_path):
         export_coreml(model, str(tmp_path / 's0.coreml'), (64, 64), image_input=False)
 
 
+def test_build_model_bias_mode_for_arch_names():
+    model = build_model('efficientformer_l1', bias_mode='official', bias_img_size=512)
+    assert (model.bias_mode, model.bias_img_size) == ('official', 512)
+    assert build_model('efficientformerv2_s0').bias_mode == 'table'
+    with pytest.raises(ValueError, match='efficientvit_m0 has no bias_mode'):
+        build_model('efficientvit_m0', bias_mode='official')
+    config = str(REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_efficientvit_m4.py')
+    with pytest.raises(ValueError, match='with a config, set bias_mode'):
+        build_model(config, bias_img_size=512)
+
+
 # BACKBONES.md section 1: V1/V2 classification MACs; EfficientViT with the downstream 7x7 windows.
 PUBLISHED_GMACS = {
     'efficientformer_l1': 1.2904, 'efficientformer_l3': 3.9055, 'efficientformer_l7': 10.1178,
