@@ -1,0 +1,215 @@
+"""Do the EfficientFormer / EfficientFormerV2 / EfficientViT backbones (papers: arXiv:2206.01191,
+arXiv:2212.08059, arXiv:2305.07027) compute on another device, in another dtype or runtime what
+they compute in float32 on CPU?
+
+The test suite checks the CPU float32 models against independent implementations (timm, the
+official re-implementation). A GPU runs other code: the plain PyTorch ops where CPU inference
+uses oneDNN kernels, ``F.interpolate`` instead of the banded bicubic resize, chunks of all heads
+instead of one head at a time (see :mod:`mmeformer.models.layers`), other kernels, and half
+precision. This module runs both on the same randomized weights (:func:`mmeformer.testing.
+randomize_`) and inputs and reports the relative difference of each output:
+
+* inference, twice: the second forward reads the fold and attention-bias caches the first one
+  filled;
+* a training step (batch 2, BN in training mode, under autocast for half dtypes): the outputs
+  and the gradient of every parameter.
+
+``tools/device_check.py`` is the command; on CPU it compares bfloat16 and the deploy-fused
+runtime with float32 eager, which the test suite runs.
+"""
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .deploy import fuse
+from .export import build_model, official_bias_img_size, relative_errors
+from .testing import randomize_
+
+# Largest accepted relative difference of an inference output (max |diff| / max |reference|),
+# by dtype. float32 differs from CPU by summation order only (TF32 is switched off during the
+# check). The half dtypes: bfloat16 keeps 8 mantissa bits, float16 11. Measured on CPU (all 13
+# at 250x330, both bias modes, eager and fused; tools/device_check.py --device cpu --sizes
+# 250x330 --dtypes float32 bfloat16): bfloat16 0.85-2.2e-2, float32 fused 0.
+TOLERANCES = {'float32': 1e-4, 'float16': 2e-2, 'bfloat16': 6e-2}
+# A training step is checked against what rounding its input costs instead: BatchNorm on the
+# batch statistics of 2 images of random-weight networks amplifies any difference (known for
+# BN at initialisation; EfficientViT-M0 at 250x330: 1e-3 of input noise moves the last output by
+# 0.21). An output or the gradients may differ from float32 by TRAINING_FACTOR times the
+# difference that rounding the input to the dtype (float32: one ulp) makes in the float32 step,
+# or by the dtype's tolerance, whichever is larger. In the run above bfloat16 autocast gave at
+# most 5.9x the input rounding's difference; float32 on 1 thread instead of 2 (another
+# summation order) 2.5-5.4x the one-ulp difference. Where the step is that sensitive the half
+# dtypes' gradient check says little (EfficientViT, V2-S2 / L at 250x330: rounding the input to
+# bfloat16 alone moves the gradients by 19-71%); the float32 check stays tight (M0: 2e-2).
+TRAINING_FACTOR = 10
+RUNTIMES = ('eager', 'fused')
+
+
+@dataclass
+class ParityResult:
+    variant: str
+    bias_mode: str
+    height: int
+    width: int
+    device: str
+    dtype: str
+    runtime: str
+    step: str  # 'inference', 'inference, cached' or 'training'
+    errors: List[float]  # one per output; for training, the outputs and then the gradients
+    tolerances: List[float]  # one per error
+
+    @property
+    def worst(self) -> int:
+        """The index of the error closest to (or furthest above) its tolerance."""
+        return max(range(len(self.errors)), key=lambda i: self.errors[i] / self.tolerances[i])
+
+    @property
+    def ok(self) -> bool:
+        return all(e <= t for e, t in zip(self.errors, self.tolerances))
+
+
+def _gradient_error(reference: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> float:
+    """|diff| / |reference| of all parameter gradients together."""
+    ref = torch.cat([g.detach().float().cpu().flatten() for g in reference])
+    out = torch.cat([g.detach().float().cpu().flatten() for g in grads])
+    return float((out - ref).norm() / max(float(ref.norm()), 1e-12))
+
+
+def _training_step(model: torch.nn.Module, x: torch.Tensor, autocast_dtype: Optional[torch.dtype]
+                   ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The outputs and parameter gradients of one training step of a copy of ``model``."""
+    model = copy.deepcopy(model).to(x.device).train()
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        outs = model(x)
+    # A fixed random projection of every output: the gradient of a plain mean would vanish
+    # through the final BatchNorms of the stages.
+    gen = torch.Generator().manual_seed(0)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).mean()
+               for o in outs)
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:  # a parameter that no output depends on is a bug of its own
+        raise RuntimeError(f'no gradient reached {missing[:5]}')
+    return ([o.detach().float().cpu() for o in outs],
+            [p.grad for p in model.parameters() if p.requires_grad])
+
+
+def _training_errors(reference, step) -> List[float]:
+    """The relative difference of each output and of the gradients (together) of two training
+    steps."""
+    return relative_errors(reference[0], step[0]) + [_gradient_error(reference[1], step[1])]
+
+
+def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` and back; for float32 moved by one ulp in a random
+    direction."""
+    if dtype == torch.float32:
+        up = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+        return torch.nextafter(x, torch.where(up, float('inf'), float('-inf')))
+    return x.to(dtype).float()
+
+
+class _TF32Off:
+    """TF32 off for CUDA matmuls and convolutions inside the block: the float32 check compares
+    float32 arithmetic."""
+
+    def __enter__(self):
+        self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
+
+
+def check_variant(variant: str, size: Tuple[int, int], device: str,
+                  dtypes: Sequence[str] = ('float32', ), runtimes: Sequence[str] = RUNTIMES,
+                  bias_mode: str = 'table', training: bool = True, seed: int = 0,
+                  model: Optional[torch.nn.Module] = None) -> List[ParityResult]:
+    """Every check of one variant and input size on ``device``, against float32 eager on CPU
+    (computed once): inference for each dtype and runtime (the same pair on CPU is skipped),
+    and with ``training`` one training step per dtype (eager). ``model`` (a CPU float32
+    module) replaces the randomized build of ``variant`` and ``bias_mode``."""
+    if model is None:
+        bias_args = {} if bias_mode == 'table' else dict(
+            bias_mode=bias_mode, bias_img_size=official_bias_img_size(size))
+        model = randomize_(build_model(variant, **bias_args), seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, *size, generator=gen)
+    with torch.inference_mode():  # on a copy: the candidates start with empty caches
+        reference = [o.clone() for o in copy.deepcopy(model)(x[:1])]
+    train_reference = _training_step(model, x, None) if training else None
+    results = []
+
+    def result(dtype, runtime, step, errors, tolerances=None):
+        results.append(ParityResult(variant, bias_mode, size[0], size[1], device, dtype, runtime,
+                                    step, errors, tolerances or [TOLERANCES[dtype]] * len(errors)))
+
+    with _TF32Off():
+        for dtype in dtypes:
+            torch_dtype = getattr(torch, dtype)
+            for runtime in runtimes:
+                if device == 'cpu' and dtype == 'float32' and runtime == 'eager':
+                    continue  # the reference itself
+                candidate = copy.deepcopy(model)
+                if runtime == 'fused':
+                    candidate = fuse(candidate)
+                elif runtime != 'eager':
+                    raise ValueError(f'unknown runtime {runtime!r}; choose from {RUNTIMES}')
+                candidate = candidate.to(device=device, dtype=torch_dtype).eval()
+                xd = x[:1].to(device=device, dtype=torch_dtype)
+                for step in ('inference', 'inference, cached'):
+                    with torch.inference_mode():
+                        outs = [o.float().cpu() for o in candidate(xd)]
+                    result(dtype, runtime, step, relative_errors(reference, outs))
+            if training and not (device == 'cpu' and dtype == 'float32'):
+                # Half dtypes train under autocast, with float32 parameters, as mmengine's
+                # AmpOptimWrapper does.
+                step = _training_step(model, x.to(device),
+                                      None if dtype == 'float32' else torch_dtype)
+                sensitivity = _training_errors(
+                    train_reference, _training_step(model, _rounded(x, torch_dtype), None))
+                result(dtype, 'eager', 'training', _training_errors(train_reference, step),
+                       [max(TOLERANCES[dtype], TRAINING_FACTOR * e) for e in sensitivity])
+    return results
+
+
+def run(variants: Sequence[str], sizes: Sequence[Tuple[int, int]], device: str,
+        dtypes: Sequence[str], runtimes: Sequence[str] = RUNTIMES, official_bias: bool = True,
+        training: bool = True, progress=print) -> List[ParityResult]:
+    """:func:`check_variant` for every variant and size; with ``official_bias`` also
+    ``bias_mode='official'`` for EfficientFormer V1 / V2 (inference only: its training path is
+    the same as the table mode's apart from the bias)."""
+    results = []
+    for variant in variants:
+        modes = ['table'] + (['official'] if official_bias and
+                             not variant.startswith('efficientvit_') else [])
+        for size in sizes:
+            for mode in modes:
+                rows = check_variant(variant, size, device, dtypes, runtimes, mode,
+                                     training and mode == 'table')
+                for r in rows:
+                    e, t = r.errors[r.worst], r.tolerances[r.worst]
+                    progress(f'{r.variant} {mode} {r.height}x{r.width} {r.device} {r.dtype} '
+                             f'{r.runtime} {r.step}: {e:.2e} (tolerance {t:.1e}) '
+                             f'{"ok" if r.ok else "ABOVE"}')
+                results += rows
+    return results
+
+
+def to_markdown(results: Sequence[ParityResult], environment: Dict) -> str:
+    lines = [f"Device check on {environment.get('gpu') or environment['cpu']}, torch "
+             f"{environment['torch']}: relative difference from float32 eager on CPU (per output: "
+             f"max |diff| / max |reference|; training: also the gradients' |diff| / "
+             f"|reference|), of the output closest to its tolerance.", '',
+             '| variant | bias mode | size | device | dtype | runtime | step | rel. diff '
+             '| tolerance | |', '|---|---|---|---|---|---|---|---|---|---|']
+    for r in results:
+        lines.append(f'| {r.variant} | {r.bias_mode} | {r.height}x{r.width} | {r.device} | '
+                     f'{r.dtype} | {r.runtime} | {r.step} | {r.errors[r.worst]:.2e} | '
+                     f'{r.tolerances[r.worst]:.1e} | {"ok" if r.ok else "**above**"} |')
+    failed = [r for r in results if not r.ok]
+    lines += ['', f'{len(results) - len(failed)} of {len(results)} checks within tolerance.']
+    return '\n'.join(lines) + '\n'
