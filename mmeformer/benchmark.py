@@ -710,16 +710,23 @@ def train_step_memory(variant: str, size: Tuple[int, int], batch: int = 2,
 
 
 # -- writing ---------------------------------------------------------------------------------
+def _rate(gflops: float) -> str:
+    """GFLOP/s for a table: whole numbers, two digits below 10 (bfloat16 matmuls on a CPU
+    without bfloat16 units run at a fraction of 1 GFLOP/s)."""
+    return f'{gflops:.0f}' if gflops >= 10 else f'{gflops:.2g}'
+
+
 def to_markdown(report: Report) -> str:
     env = report.environment
     dtypes = '/'.join(sorted({m.dtype for m in report.measurements})) or 'float32'
     group_peaks = [m.matmul_gflops for m in report.measurements]
     alongside = (f'; timed in the same rounds as each variant and size: '
-                 f'{min(group_peaks):.0f}-{max(group_peaks):.0f} GFLOP/s, the yardstick of the '
-                 f'last column' if group_peaks else '')
-    lines = [f"Machine: {env['cpu']}, {env['threads']} threads, device {env['device']}, torch "
+                 f'{_rate(min(group_peaks))}-{_rate(max(group_peaks))} GFLOP/s, the yardstick '
+                 f'of the last column' if group_peaks else '')
+    device = env['device'] + (f" ({env['gpu']})" if env.get('gpu') else '')
+    lines = [f"Machine: {env['cpu']}, {env['threads']} threads, device {device}, torch "
              f"{env['torch']}, onnxruntime {env['onnxruntime']}; {dtypes} matmul "
-             f'({MATMUL_SIZE}^3) at the start of the run: {report.matmul_gflops:.0f} GFLOP/s'
+             f'({MATMUL_SIZE}^3) at the start of the run: {_rate(report.matmul_gflops)} GFLOP/s'
              f"{alongside}; {env.get('allocator', 'allocator not recorded')}.", '',
              '| variant | implementation | runtime | size | batch | median ms | p90 ms | params M '
              '| GMACs | GFLOP/s | of matmul peak |',
@@ -727,7 +734,7 @@ def to_markdown(report: Report) -> str:
     for m in report.measurements:
         lines.append(f'| {m.variant} | {m.implementation} | {m.runtime} | {m.height}x{m.width} '
                      f'| {m.batch} | {m.median_ms:.1f} | {m.p90_ms:.1f} | {m.params_m:.2f} | '
-                     f'{m.gmacs:.3f} | {m.gflops_per_s:.0f} | {100 * m.matmul_fraction:.1f}% |')
+                     f'{m.gmacs:.3f} | {_rate(m.gflops_per_s)} | {100 * m.matmul_fraction:.1f}% |')
     speedups = speedup_lines(report)
     if speedups:
         lines += ['', 'Ratios in this run (median latencies):'] + speedups
