@@ -1,6 +1,7 @@
 """mmeformer.device_check and tools/device_check.py on CPU: bfloat16 (eager and deploy-fused) and
 the float32 fused runtime agree with float32 eager within the stated tolerances, the caches give
 the same outputs as the first forward, and a model that goes wrong in bfloat16 is reported."""
+import argparse
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch.nn as nn
 
 from conftest import REPO
 from mmeformer import device_check
+from mmeformer.cli import doc_parser, image_size
 from mmeformer.export import build_model
 from mmeformer.testing import randomize_
 
@@ -92,3 +94,14 @@ def test_tool_writes_report_and_exit_status(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     else:
         assert proc.returncode == 2 and 'no CUDA device is available here' in proc.stderr
+
+
+def test_tool_size_argument():
+    parser = doc_parser('Summary line.\n\nDetails, printed after the options.')
+    parser.add_argument('--sizes', nargs='+', type=image_size)
+    assert parser.parse_args(['--sizes', '800x1344', '512']).sizes == [(800, 1344), (512, 512)]
+    assert parser.description == 'Summary line.'
+    assert 'Details, printed after the options.' in parser.format_help()
+    for text, message in (('800y1344', 'write HxW'), ('0x512', 'must be positive')):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            image_size(text)

@@ -25,7 +25,6 @@ mmeformer.benchmark.detection_test_sizes), each through every candidate in turn,
 the mean time per image and the bytes of attention biases cached at the end: what an
 evaluation pays for new input sizes, which a fixed-size run never shows.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -35,6 +34,7 @@ from typing import List
 import torch
 
 from mmeformer import benchmark
+from mmeformer.cli import doc_parser, image_size
 from mmeformer.export import arch_names, build_model
 
 QUICK = dict(variants=['efficientformer_l1', 'efficientformerv2_s0', 'efficientvit_m4'],
@@ -42,17 +42,10 @@ QUICK = dict(variants=['efficientformer_l1', 'efficientformerv2_s0', 'efficientv
              warmup=1, repeats=5)
 
 
-def size(text):
-    h, _, w = text.partition('x')
-    return int(h), int(w or h)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split('\n\n', 1)[1])
+    parser = doc_parser(__doc__)
     parser.add_argument('--variants', nargs='+', choices=arch_names(), metavar='ARCH')
-    parser.add_argument('--sizes', nargs='+', type=size, metavar='HxW')
+    parser.add_argument('--sizes', nargs='+', type=image_size, metavar='HxW')
     parser.add_argument('--runtimes', nargs='+', choices=benchmark.RUNTIMES)
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1])
     parser.add_argument('--threads', type=int, default=2)

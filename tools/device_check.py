@@ -11,7 +11,6 @@ padded windows), EfficientFormer V1 / V2 also with bias_mode='official'; dtypes 
 float16 and bfloat16 on CUDA, bfloat16 on CPU (float32 eager on CPU is the reference itself).
 See mmeformer/device_check.py for what differs between devices and the tolerances.
 """
-import argparse
 import json
 import os
 import sys
@@ -20,21 +19,15 @@ from dataclasses import asdict
 import torch
 
 from mmeformer import benchmark, device_check
+from mmeformer.cli import doc_parser, image_size
 from mmeformer.export import arch_names
 
 
-def size(text):
-    h, _, w = text.partition('x')
-    return int(h), int(w or h)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split('\n\n', 1)[1])
+    parser = doc_parser(__doc__)
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cuda')
     parser.add_argument('--variants', nargs='+', choices=arch_names(), metavar='ARCH')
-    parser.add_argument('--sizes', nargs='+', type=size, metavar='HxW',
+    parser.add_argument('--sizes', nargs='+', type=image_size, metavar='HxW',
                         default=[(800, 1344), (250, 330)])
     parser.add_argument('--dtypes', nargs='+', choices=sorted(device_check.TOLERANCES))
     parser.add_argument('--runtimes', nargs='+', choices=device_check.RUNTIMES,

@@ -11,19 +11,17 @@ at two more sizes; the largest relative difference against PyTorch is printed an
 status is 1 above 1e-4. CoreML packages are converted on Linux and checked by inspecting their
 spec (prediction needs macOS).
 """
-import argparse
 import sys
 
 import torch
 
 from mmeformer import export
+from mmeformer.cli import doc_parser
 from mmeformer.deploy import fuse
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split('\n\n', 1)[1])
+    parser = doc_parser(__doc__)
     parser.add_argument('arch', help='arch name or config file')
     parser.add_argument('--format', choices=['onnx', 'torchscript', 'coreml'], default='onnx')
     parser.add_argument('--shape', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'))
