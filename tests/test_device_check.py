@@ -3,6 +3,7 @@ the float32 fused runtime agree with float32 eager within the stated tolerances,
 the same outputs as the first forward, and a model that goes wrong in bfloat16 is reported."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -77,6 +78,50 @@ def test_a_wrong_model_is_reported():
     assert markdown.count('**above**') == 3 and '0 of 3 checks within tolerance.' in markdown
 
 
+class _Scale(nn.Module):
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class _BeyondFloat16(nn.Module):
+    """A backbone whose last output passes through values beyond float16's range (65504), as
+    random weights give EfficientFormerV2 at 800x1344."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone, self.up, self.down = backbone, _Scale(1e6), _Scale(1e-6)
+
+    def forward(self, x):
+        outs = list(self.backbone(x))
+        outs[-1] = self.down(self.up(outs[-1]))
+        return outs
+
+
+def test_a_reference_beyond_the_dtype_range_is_not_compared():
+    model = _BeyondFloat16(randomize_(build_model('efficientvit_m0')))
+    results = device_check.check_variant('efficientvit_m0', SIZE, 'cpu', ['float16', 'bfloat16'],
+                                         runtimes=['eager'], training=False, model=model)
+    half, _, brain, _ = results
+    assert not half.within_tolerance and half.ok and half.worst == 2
+    assert half.reference_beyond_range > 65504 and half.verdict.startswith('not comparable')
+    assert brain.within_tolerance and brain.reference_beyond_range is None  # bfloat16's range
+    markdown = device_check.to_markdown(results, dict(cpu='test CPU', torch=torch.__version__))
+    assert '2 of 4 checks within tolerance. 2 not comparable' in markdown
+    # Without float16 the module outputs are not watched (no cost).
+    assert device_check._reference_outputs(model, torch.zeros(1, 3, 64, 64), False)[1] is None
+
+
+def test_a_nan_output_is_the_worst():
+    result = device_check.ParityResult('v', 'table', 8, 8, 'cuda', 'float16', 'eager',
+                                       'inference', [1e-2, float('nan'), 1e-3], [2e-2] * 3)
+    assert result.worst == 1 and not result.ok and result.verdict == 'above'
+
+
 def test_tool_writes_report_and_exit_status(tmp_path):
     cmd = [sys.executable, str(REPO / 'tools' / 'device_check.py'), '--device', 'cpu',
            '--variants', 'efficientvit_m0', '--sizes', '96x128', '--no-training',
@@ -105,3 +150,31 @@ def test_tool_size_argument():
     for text, message in (('800y1344', 'write HxW'), ('0x512', 'must be positive')):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             image_size(text)
+
+
+def test_settings_that_check_nothing_are_refused():
+    nothing = device_check.nothing_to_check
+    assert 'float32 eager on CPU is the reference' in nothing('cpu', ['float32'], ['eager'], True)
+    assert nothing('cpu', ['float32'], ['eager', 'fused'], False) is None
+    assert nothing('cpu', ['float32', 'bfloat16'], ['eager'], False) is None
+    assert nothing('cuda', ['float32'], ['eager'], False) is None
+    with pytest.raises(ValueError, match='nothing to check'):
+        device_check.check_variant('efficientvit_m0', (64, 64), 'cpu', ['float32'], ['eager'])
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'device_check.py'), '--device',
+                           'cpu', '--dtypes', 'float32', '--runtimes', 'eager'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and 'add a dtype (bfloat16) or the fused runtime' in proc.stderr
+
+
+def test_gpu_report_script(tmp_path):
+    proc = subprocess.run(['bash', str(REPO / 'tools' / 'gpu_report.sh'), str(tmp_path),
+                           'efficientvit_m0'], cwd=REPO, capture_output=True, text=True,
+                          timeout=1200, env=dict(os.environ, PYTHON=sys.executable))
+    if not torch.cuda.is_available():
+        assert proc.returncode == 2 and 'no CUDA device is available' in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for report in ('latency_float16/latency.md', 'latency_bfloat16/latency.md',
+                   'device_check_800x1344/device_check.md',
+                   'device_check_250x330/device_check.md'):
+        assert (tmp_path / report).is_file(), report

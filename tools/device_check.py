@@ -43,6 +43,10 @@ def main(argv=None):
         parser.error('--device cuda: no CUDA device is available here')
     dtypes = args.dtypes or (['float32', 'float16', 'bfloat16'] if args.device == 'cuda'
                              else ['bfloat16'])
+    reason = device_check.nothing_to_check(args.device, dtypes, args.runtimes,
+                                           not args.no_training)
+    if reason:
+        parser.error(reason)
     torch.set_num_threads(args.threads)
     results = device_check.run(args.variants or arch_names(), args.sizes, args.device, dtypes,
                                args.runtimes, official_bias=not args.no_official_bias,

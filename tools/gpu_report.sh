@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # The GPU part of the speed report, in one command for a CUDA machine:
-#   1. tools/device_check.py: do the backbones compute on the GPU (float32 / float16 / bfloat16,
-#      eager and deploy-fused, inference and a training step) what they compute on CPU?
-#   2. tools/benchmark.py --compare at 800x1344, batch 1, float16 and bfloat16: latency of
+#   1. tools/benchmark.py --compare at 800x1344, batch 1, float16 and bfloat16: latency of
 #      mmeformer (eager, fused) against timm and the official-code stand-in, with the ratios.
+#   2. tools/device_check.py: do the backbones compute on the GPU (float32 / float16 / bfloat16,
+#      eager and deploy-fused) what they compute on CPU? Inference at 800x1344; inference and a
+#      training step at 250x330 (a training check at 800x1344 costs four float32 CPU training
+#      steps per variant for its reference: 76 s for L7 on 2 cores here, without the
+#      sensitivity steps).
+# Latency comes first: each part writes its own report, so a run stopped by a time limit keeps
+# the latency tables.
 #
 #   tools/gpu_report.sh [OUT [ARCH ...]]     # default outputs/gpu, all 13 variants
 #
 # Needs torch with CUDA, mmengine and timm (no mmcv: the backbones import without it). Exit
-# status 1 if a device check is above tolerance (the latency runs go on regardless).
+# status 2 if a latency run failed, else 1 if a device check is above tolerance or failed; every
+# part runs regardless.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/gpu}
@@ -22,12 +28,16 @@ if ! "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; 
     exit 2
 fi
 status=0
-"$python" tools/device_check.py --device cuda "${variants[@]}" --out "$out/device_check" \
-    || status=1
+# --threads: the CPU builds the models and counts their MACs; the timed forwards run on the GPU.
 for dtype in float16 bfloat16; do
     "$python" tools/benchmark.py --device cuda --dtype "$dtype" --compare --sizes 800x1344 \
-        --runtimes eager fused "${variants[@]}" --out "$out/latency_$dtype" || exit 2
+        --runtimes eager fused --threads "$(nproc)" "${variants[@]}" \
+        --out "$out/latency_$dtype" || status=2
 done
-echo "reports under $out: device_check/device_check.md, latency_float16/latency.md," \
-     "latency_bfloat16/latency.md"
+"$python" tools/device_check.py --device cuda "${variants[@]}" --sizes 800x1344 --no-training \
+    --out "$out/device_check_800x1344" || status=$(( status ? status : 1 ))
+"$python" tools/device_check.py --device cuda "${variants[@]}" --sizes 250x330 \
+    --out "$out/device_check_250x330" || status=$(( status ? status : 1 ))
+echo "reports under $out: latency_float16/latency.md, latency_bfloat16/latency.md," \
+     "device_check_800x1344/device_check.md, device_check_250x330/device_check.md"
 exit $status
