@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from ...registry import MODELS
 from ..layers import (GELU, FoldsBatchNorm, LayerScale, RelativeBiasAttention,
-                      drop_path_or_identity, linear, run_blocks, scaled_lerp, scaled_residual,
-                      softmax_attention, stochastic_depth_rates)
+                      drop_path_or_identity, linear, records_grad, run_blocks, scaled_lerp,
+                      scaled_residual, softmax_attention, stochastic_depth_rates)
 from .base import MobileBackbone
 
 
@@ -72,6 +72,20 @@ class TokenMlp(nn.Module):
         return linear(self.fc2, linear(self.fc1, x, act=self.act))
 
 
+def pool3x3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 average over the in-bounds neighbours (stride 1, the padding not counted).
+
+    While autograd records on a CUDA channels-last map, the pool runs on a contiguous NCHW copy:
+    torch's channels-last CUDA backward of a padded ``avg_pool2d`` returns wrong input gradients
+    without an error (pytorch/pytorch#188344, fixed in July 2026; a device check on an H200 with
+    torch 2.11 found EfficientFormer's gradients 100% off in float32, float16 and bfloat16)."""
+    if (x.device.type == 'cuda' and records_grad(x) and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        pooled = F.avg_pool2d(x.contiguous(), 3, 1, 1, count_include_pad=False)
+        return pooled.contiguous(memory_format=torch.channels_last)
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
 class PoolBlock(nn.Module):
     """4D block: ``x + ls1 * (avgpool3x3(x) - x)``, then ``x + ls2 * mlp(x)``."""
 
@@ -83,8 +97,7 @@ class PoolBlock(nn.Module):
         self.drop_path = drop_path_or_identity(drop_path)
 
     def forward(self, x: torch.Tensor, hw=None) -> torch.Tensor:
-        pooled = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-        x = scaled_lerp(x, pooled, self.ls1, self.drop_path)
+        x = scaled_lerp(x, pool3x3(x), self.ls1, self.drop_path)
         return scaled_residual(x, self.mlp(x), self.ls2, self.drop_path)
 
 
