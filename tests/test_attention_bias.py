@@ -245,6 +245,21 @@ def test_query_chunked_inference_equals_the_full_maps(cls, monkeypatch):
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+def test_gpu_inference_takes_few_query_chunks_and_plain_convs():
+    """Query chunks and pointwise convs as GEMMs are CPU measures: on other devices, where a
+    batch-1 forward is bound by kernel launches, a detection-size attention map is one chunk and
+    a pointwise conv one conv."""
+    from mmeformer.models import layers
+    with torch.no_grad():  # EfficientFormerV2-S0's stage-3 attention at 800x1344
+        assert len(layers.query_chunks(1050, 8, 1050)) == 9
+        assert layers.query_chunks(1050, 8, 1050, 'cuda') == [None]
+        assert len(layers.query_chunks(8192, 8, 8192, 'cuda')) == 16  # memory stays bounded
+    conv = torch.nn.Conv2d(8, 16, 1)
+    x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert layers._gemm_rows(conv, x) is not None
+    assert layers._gemm_rows(conv, x.to('meta')) is None
+
+
 @pytest.mark.parametrize('batch', [1, 2])
 @pytest.mark.parametrize('per_head', [False, True])
 def test_chunked_softmax_attention_equals_the_formula(per_head, batch, monkeypatch):

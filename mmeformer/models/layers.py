@@ -82,8 +82,9 @@ def stochastic_depth_rates(drop_path_rate: float, depths) -> list:
 
 
 class GELU(nn.GELU):
-    """Exact (erf) GELU; on a channels-last map it runs on the NHWC view, where torch's kernel
-    is about twice as fast as on the same memory seen as channels-last NCHW.
+    """Exact (erf) GELU; on a channels-last CPU map it runs on the NHWC view, where torch's CPU
+    kernel is about twice as fast as on the same memory seen as channels-last NCHW (on GPUs
+    the two views cost two more ops per call and nothing else).
 
     ``inplace=True`` overwrites the input while autograd is not recording (and not while
     tracing): for callers whose input is a fresh conv output. A fresh multi-MB result costs
@@ -95,8 +96,8 @@ class GELU(nn.GELU):
         self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last)
+        nhwc = (x.dim() == 4 and x.device.type == 'cpu' and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last))
         if nhwc:
             x = x.permute(0, 2, 3, 1)
         if self.inplace and not torch.is_grad_enabled() and not is_tracing():
@@ -293,9 +294,11 @@ def linear(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = N
 
 def _gemm_rows(conv: nn.Conv2d, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The NHWC view of ``x`` when ``conv`` is a pointwise conv that runs on it as a GEMM (see
-    :func:`conv2d`), else None."""
+    :func:`conv2d`), else None. CPU only: the gain was measured there, and on GPUs, where a
+    batch-1 forward is bound by kernel launches, the views and reshapes around the GEMM are
+    more ops than the conv's one."""
     if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
-            and conv.groups == 1 and x.dim() == 4 and not is_tracing()
+            and conv.groups == 1 and x.dim() == 4 and x.device.type == 'cpu' and not is_tracing()
             and x.is_contiguous(memory_format=torch.channels_last)):
         return x.permute(0, 2, 3, 1)
     return None
@@ -303,10 +306,10 @@ def _gemm_rows(conv: nn.Conv2d, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
            bias: Optional[torch.Tensor] = None, act: Optional[nn.Module] = None) -> torch.Tensor:
-    """``act(conv(x))`` (with other ``weight`` / ``bias`` when given). A pointwise conv on a
-    channels-last map runs as a GEMM on its NHWC view (up to 2x faster than the conv kernel on
-    the small maps of the later stages); in CPU inference the activation is fused into the
-    kernel (see :func:`linear`)."""
+    """``act(conv(x))`` (with other ``weight`` / ``bias`` when given). On CPU a pointwise conv
+    on a channels-last map runs as a GEMM on its NHWC view (up to 2x faster than the conv
+    kernel on the small maps of the later stages); in CPU inference the activation is fused
+    into the kernel (see :func:`linear`)."""
     if weight is None:
         weight, bias = conv.weight, conv.bias
     rows = _gemm_rows(conv, x)
@@ -586,18 +589,26 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-# Elements (heads x query rows x keys) of one query chunk of an attention map in inference:
+# Elements (heads x query rows x keys) of one query chunk of an attention map in CPU inference:
 # a few MB, so that the logits, the softmax and what follows stay in cache instead of streaming
 # full (heads, Nq, Nk) maps through memory several times (2-2.5x faster at detection sizes).
 QUERY_CHUNK_ELEMENTS = 1 << 20
+# On GPUs a chunk only bounds memory (about 8 bytes per element: the logits, the float32
+# softmax, its cast). Each chunk costs 6-8 kernel launches, and a batch-1 forward is bound by
+# launches: CPU-sized chunks gave EfficientFormerV2-S0 at 800x1344 about 1500 aten ops per
+# forward against 580 unchunked, and H200 fp16 latency 1.7x that of the official code.
+ACCELERATOR_QUERY_CHUNK_ELEMENTS = 1 << 25
 
 
-def query_chunks(num_queries: int, heads: int, num_keys: int) -> List[Optional[slice]]:
-    """Slices of the query axis for chunked inference, of near-equal sizes; ``[None]`` (all
-    queries at once) while autograd records (the full maps are saved for backward anyway),
-    while tracing (shapes must stay symbolic), under torch.compile (inductor fuses the map's
-    passes itself) or when one chunk holds them all."""
-    rows = max(16, QUERY_CHUNK_ELEMENTS // max(1, heads * num_keys))
+def query_chunks(num_queries: int, heads: int, num_keys: int,
+                 device_type: str = 'cpu') -> List[Optional[slice]]:
+    """Slices of the query axis for chunked inference on ``device_type``, of near-equal sizes;
+    ``[None]`` (all queries at once) while autograd records (the full maps are saved for
+    backward anyway), while tracing (shapes must stay symbolic), under torch.compile (inductor
+    fuses the map's passes itself) or when one chunk holds them all."""
+    budget = (QUERY_CHUNK_ELEMENTS if device_type == 'cpu'
+              else ACCELERATOR_QUERY_CHUNK_ELEMENTS)
+    rows = max(16, budget // max(1, heads * num_keys))
     if torch.is_grad_enabled() or is_tracing() or is_compiling() or rows >= num_queries:
         return [None]
     rows = math.ceil(num_queries / math.ceil(num_queries / rows))  # the same number, evened
@@ -631,7 +642,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     # 2-3x slower than the copies cost (measured on CPU for every attention size here).
     q, kt, v = (q * scale).contiguous(), k.contiguous().transpose(-2, -1), v.contiguous()
     heads = q.shape[-3] if q.dim() > 2 else 1
-    chunks = query_chunks(q.shape[-2], heads, k.shape[-2])
+    chunks = query_chunks(q.shape[-2], heads, k.shape[-2], q.device.type)
     if (chunks[0] is not None and chunks[0].stop - chunks[0].start < MIN_CHUNK_ROWS
             and q.device.type == 'cpu'):
         return _per_head_attention(q, kt, v, bias)
@@ -673,7 +684,7 @@ def _per_head_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
                         bias: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`softmax_attention` (inference) one (batch, head) at a time: with the whole chunk
     budget for one head, its GEMMs get several times more query rows."""
-    chunks = query_chunks(q.shape[-2], 1, kt.shape[-1])
+    chunks = query_chunks(q.shape[-2], 1, kt.shape[-1], q.device.type)
     heads = bias.shape[-3] if bias is not None else 1
     q_, kt_, v_ = (t.reshape((-1, ) + t.shape[-2:]) for t in (q, kt, v))
     outs = [_attend_in_chunks(q_[i], kt_[i], v_[i], None if bias is None else bias[i % heads],

@@ -108,7 +108,7 @@ class Attention4D(RelativeBiasAttention):
             bias, w1 = self.relative_bias((h, w), (h, w)), self.talking_head1.weight
         bias = bias.to(q.dtype)
         kt, outs = k.transpose(-2, -1), []
-        for rows in query_chunks(q.shape[-2], self.num_heads, k.shape[-2]):
+        for rows in query_chunks(q.shape[-2], self.num_heads, k.shape[-2], q.device.type):
             logits = torch.matmul(query_rows(q, rows), kt)
             if folded:
                 attn = _mix_heads(w1, logits, add=query_rows(bias, rows))
