@@ -624,7 +624,7 @@ def query_rows(t: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
 # Query rows below which a chunk's CPU GEMMs are dominated by packing the (Nk, d) key / value
 # operand again for every chunk: (31 x 4200) @ (4200 x 64) ran at 63 GFLOP/s against 124 for
 # 250 rows (2-core EPYC, V2's downsample attention at 800x1344). Not applied on GPUs, where
-# one head at a time would mean 8x the kernel launches (not measured: no GPU here).
+# one head at a time would mean 8x the kernel launches (not measured on a GPU).
 MIN_CHUNK_ROWS = 128
 
 
