@@ -154,10 +154,10 @@ def test_tool_size_argument():
 
 def test_settings_that_check_nothing_are_refused():
     nothing = device_check.nothing_to_check
-    assert 'float32 eager on CPU is the reference' in nothing('cpu', ['float32'], ['eager'], True)
-    assert nothing('cpu', ['float32'], ['eager', 'fused'], False) is None
-    assert nothing('cpu', ['float32', 'bfloat16'], ['eager'], False) is None
-    assert nothing('cuda', ['float32'], ['eager'], False) is None
+    assert 'float32 eager on CPU is the reference' in nothing('cpu', ['float32'], ['eager'])
+    assert nothing('cpu', ['float32'], ['eager', 'fused']) is None
+    assert nothing('cpu', ['float32', 'bfloat16'], ['eager']) is None
+    assert nothing('cuda', ['float32'], ['eager']) is None
     with pytest.raises(ValueError, match='nothing to check'):
         device_check.check_variant('efficientvit_m0', (64, 64), 'cpu', ['float32'], ['eager'])
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'device_check.py'), '--device',

@@ -43,8 +43,7 @@ def main(argv=None):
         parser.error('--device cuda: no CUDA device is available here')
     dtypes = args.dtypes or (['float32', 'float16', 'bfloat16'] if args.device == 'cuda'
                              else ['bfloat16'])
-    reason = device_check.nothing_to_check(args.device, dtypes, args.runtimes,
-                                           not args.no_training)
+    reason = device_check.nothing_to_check(args.device, dtypes, args.runtimes)
     if reason:
         parser.error(reason)
     torch.set_num_threads(args.threads)
