@@ -37,6 +37,7 @@ def test_bfloat16_and_fused_within_tolerance(variant):
     bad = [(r.bias_mode, r.dtype, r.runtime, r.step, r.errors, r.tolerances)
            for r in results if not r.ok]
     assert not bad
+    assert max(t for r in results for t in r.tolerances) <= device_check.MAX_TOLERANCE
     for r in results:
         if r.dtype == 'float32':  # the folds of eager eval and deploy fusion are the same
             assert max(r.errors) < 1e-5
@@ -76,6 +77,40 @@ def test_a_wrong_model_is_reported():
     assert all(r.errors[r.worst] > 0.15 for r in results)
     markdown = device_check.to_markdown(results, dict(cpu='test CPU', torch=torch.__version__))
     assert markdown.count('**above**') == 3 and '0 of 3 checks within tolerance.' in markdown
+
+
+class _WrongUnderBFloat16(nn.Module):
+    """A backbone whose coarsest output, where BatchNorm's batch statistics are the least
+    stable, is multiplied by ``factor`` (3: too large; -1: the wrong sign) in bfloat16
+    inference and in training under bfloat16 autocast."""
+
+    def __init__(self, backbone, factor: float):
+        super().__init__()
+        self.backbone, self.factor = backbone, factor
+
+    def forward(self, x):
+        outs = list(self.backbone(x))
+        if x.dtype == torch.bfloat16 or (self.training and torch.is_autocast_enabled('cpu')):
+            outs[-1] = outs[-1] * self.factor
+        return outs
+
+
+@pytest.mark.parametrize('factor', [3., -1.])
+@pytest.mark.parametrize('variant', ['efficientformer_l1', 'efficientformerv2_s0',
+                                     'efficientvit_m0'])
+def test_scaled_or_sign_flipped_outputs_fail_for_every_family(variant, factor):
+    """The negative control of every family: no tolerance is loose enough to pass an output off
+    by 3x or of the wrong sign (a relative difference of 2), also where BatchNorm's batch
+    statistics make the training step chaotic (EfficientViT-M0 at this size)."""
+    model = _WrongUnderBFloat16(randomize_(build_model(variant)), factor)
+    results = device_check.check_variant(variant, SIZE, 'cpu', ['bfloat16'], runtimes=['eager'],
+                                         model=model)
+    assert [r.step for r in results] == ['inference', 'inference, cached', 'training']
+    assert not any(r.ok for r in results)
+    for r in results:
+        last = len(build_model(variant).out_indices) - 1
+        assert r.errors[last] > 1.9 and r.worst == last
+        assert max(r.tolerances) <= device_check.MAX_TOLERANCE < 1.9
 
 
 class _Scale(nn.Module):
