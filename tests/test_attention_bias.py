@@ -224,32 +224,12 @@ def test_talking_head_fold_equals_the_training_form(bias_mode):
         assert not torch.allclose(attn(x), folded, atol=1e-3)  # cache follows the edit
 
 
-@pytest.mark.parametrize('cls', [EfficientFormer, EfficientFormerV2, EfficientViT])
-def test_query_chunked_inference_equals_the_full_maps(cls, monkeypatch):
-    """Inference runs attention query chunk by query chunk; with small chunks forced (16 query
-    rows) the features must equal those of the unchunked forward that autograd records."""
-    from mmeformer.models import layers
-    monkeypatch.setattr(layers, 'QUERY_CHUNK_ELEMENTS', 1)
-    assert len(layers.query_chunks(80, 8, 80)) == 1  # gradients enabled here: never chunked
-    torch.manual_seed(0)
-    model = cls().eval()
-    for name, value in model.named_parameters():
-        if name.endswith(('attention_biases', 'talking_head1.weight', 'talking_head2.bias')):
-            torch.nn.init.normal_(value)  # make the bias and the talking heads matter
-    x = torch.randn(1, 3, 256, 320)
-    full = model(x)
-    with torch.no_grad():
-        assert len(layers.query_chunks(80, 8, 80)) == 5
-        chunked = model(x)
-    for a, b in zip(chunked, full):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
-
-
 def test_gpu_inference_takes_few_query_chunks_and_plain_convs():
     """Query chunks and pointwise convs as GEMMs are CPU measures: on other devices, where a
     batch-1 forward is bound by kernel launches, a detection-size attention map is one chunk and
     a pointwise conv one conv."""
     from mmeformer.models import layers
+    assert layers.query_chunks(1050, 8, 1050) == [None]  # gradients enabled: never chunked
     with torch.no_grad():  # EfficientFormerV2-S0's stage-3 attention at 800x1344
         assert len(layers.query_chunks(1050, 8, 1050)) == 9
         assert layers.query_chunks(1050, 8, 1050, 'cuda') == [None]
