@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from conftest import REPO, backbone_class, fixture_files, parse_fixture_name, random_checkpoint
-from mmeformer.checkpoint import CheckpointError, load_pretrained
+from mmeformer.checkpoint import (CheckpointError, extract_state_dict, load_pretrained,
+                                  read_checkpoint)
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT, EfficientViTFPN
+from test_conversion_values import check_against_source, released_file
 
 BACKBONE_FIXTURES = [f for f in fixture_files() if parse_fixture_name(f.stem)]
 FPN_FIXTURES = [f for f in fixture_files() if 'fpn' in f.stem]
@@ -153,13 +155,19 @@ def test_init_cfg_pretrained_with_prefix(tmp_path):
 @pytest.mark.parametrize('stem', ['imagenet_v1_l3', 'dense_seg_v2_s2', 'imagenet_ev_m5'])
 def test_convert_tool_writes_loadable_files(stem, tmp_path):
     src, dst = tmp_path / 'src.pth', tmp_path / 'dst.pth'
-    random_checkpoint(next(f for f in BACKBONE_FIXTURES if f.stem == stem), src)
+    source = released_file(stem, src)  # the fixture's random file (distinct BN counters)
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'convert_checkpoint.py'),
                            str(src), str(dst)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert 'arch=' + parse_fixture_name(stem)[2] in proc.stdout
-    report = load_pretrained(model_for(stem), str(dst), logger='silent')
+    model = model_for(stem)
+    report = load_pretrained(model, str(dst), logger='silent')
     assert report.missing == [] and report.unused == [] and report.dropped == {}
+    # By value: the written file and the loaded backbone hold the released tensors.
+    written, _ = extract_state_dict(read_checkpoint(str(dst)), str(dst))
+    check_against_source(written, source, stem, tables='written',
+                         model_keys=list(model.state_dict()))
+    check_against_source(model.state_dict(), source, stem)
 
 
 def test_unsafe_truncated_and_empty_files_are_refused(tmp_path):

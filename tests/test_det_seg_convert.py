@@ -16,6 +16,7 @@ from mmengine.runner.checkpoint import _load_checkpoint
 from conftest import FIXTURES, random_checkpoint
 from mmeformer.engine import LaunchError
 from mmeformer.engine.runner import check_checkpoint_bias_mode
+from test_conversion_values import backbone_part, check_against_source, released_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'tools'))
@@ -105,7 +106,7 @@ def test_converted_release_loads_into_the_full_model(case, tmp_path, capsys):
     assert sorted(head_keys) == sorted(k for k in model_state if not k.startswith('backbone.'))
 
     released = tmp_path / 'released.pth'
-    random_checkpoint(FIXTURES / f'{fixture}.json', released)
+    released_file(fixture, released)  # the fixture's random backbone (distinct BN counters)
     state = torch.load(str(released), weights_only=True)['state_dict']
     gen = torch.Generator().manual_seed(1)
     for key in head_keys:
@@ -127,6 +128,12 @@ def test_converted_release_loads_into_the_full_model(case, tmp_path, capsys):
     assert result.missing_keys == [] and result.unexpected_keys == []
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in head_keys)
+    # The backbone by value: each tensor of the written file, and of the model after loading
+    # it, is the released tensor it must come from (the mapping stated in
+    # test_conversion_values, not the converter's).
+    check_against_source(backbone_part(checkpoint['state_dict']), backbone_part(state), fixture,
+                         tables='written', model_keys=list(backbone_part(model_state)))
+    check_against_source(backbone_part(loaded), backbone_part(state), fixture)
 
     # tools/test.py refuses the training config (table mode) for a V1/V2 release.
     if bias_img_size is not None:
