@@ -58,10 +58,13 @@ ADE_TOY_CLASSES = (
 )
 
 
-def _check_counts(**counts):
+def _check_arguments(seed, **counts):
+    """Refuse bad arguments before anything is written."""
     for name, value in counts.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be a positive integer, got {value!r}')
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
 
 
 def _noise_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -133,7 +136,7 @@ def make_toy_coco(out_dir: str, num_train: int = 48, num_val: int = 12, max_obje
 
     Returns the paths of the two annotation files.
     """
-    _check_counts(num_train=num_train, num_val=num_val, max_objects=max_objects)
+    _check_arguments(seed, num_train=num_train, num_val=num_val, max_objects=max_objects)
     from mmdet.datasets import CocoDataset  # the class names, in CocoDataset's order
     names = CocoDataset.METAINFO['classes']
     if len(names) != len(COCO_CATEGORY_IDS):
@@ -184,7 +187,7 @@ def make_toy_ade(out_dir: str, num_train: int = 48, num_val: int = 12, max_objec
     Labels: background ``wall`` (1), the objects of :data:`ADE_TOY_CLASSES`, and a 2-pixel
     border of 0 (ignored) to exercise ``reduce_zero_label``. Returns ``out_dir``.
     """
-    _check_counts(num_train=num_train, num_val=num_val, max_objects=max_objects)
+    _check_arguments(seed, num_train=num_train, num_val=num_val, max_objects=max_objects)
     rng = np.random.default_rng(seed + 1)
     for split, prefix, count in (('training', 'ADE_train', num_train),
                                  ('validation', 'ADE_val', num_val)):
