@@ -1,4 +1,5 @@
-"""Shared helpers: random checkpoints built from the fixture key tables in ../shared."""
+"""Shared helpers: random checkpoints built from the key tables of the released checkpoints
+(tests/fixtures/checkpoints)."""
 import json
 import os
 import re
@@ -16,8 +17,7 @@ os.environ['CUDA_VISIBLE_DEVICES'] = ''
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get('MMEFORMER_SHARED', REPO.parent / 'shared'))
-FIXTURES = SHARED / 'fixtures' / 'official_checkpoints'
+FIXTURES = REPO / 'tests' / 'fixtures' / 'checkpoints'
 
 ARCHS = {
     'EfficientFormer': ['l1', 'l3', 'l7'],
@@ -53,8 +53,6 @@ def backbone_class(family):
 
 
 def fixture_files():
-    if not FIXTURES.is_dir():
-        raise RuntimeError(f'checkpoint fixtures not found at {FIXTURES}; set MMEFORMER_SHARED')
     return sorted(FIXTURES.glob('*.json'))
 
 
