@@ -7,15 +7,16 @@ HERE = Path(__file__).parent
 VERSION = re.search(r"__version__ = '([^']+)'",
                     (HERE / 'mmeformer' / '__init__.py').read_text()).group(1)
 
-# The backbones need torch + mmengine only (timm is the parity reference and shares layouts).
-# The full pinned stack (torch===2.13.0, mmcv 2.1.0 built with ops, ...) is installed by
-# `make setup`; see README.md.
+# The backbones need torch + mmengine only. timm is a reference of the tests and of the
+# benchmarks beside the package (benchmarks/, not installed). The full pinned stack
+# (torch===2.13.0, mmcv 2.1.0 built with ops, ...) is installed by `make setup`; see README.md.
 MMCV = 'mmcv>=2.0.0rc4,<2.2.0'
 EXTRAS = {
     'det': ['mmdet==3.3.0', MMCV],
     'seg': ['mmsegmentation==1.2.2', MMCV, 'ftfy', 'regex'],
     'export': ['onnx', 'onnxruntime'],
-    'tests': ['pytest', 'pytest-xdist', 'onnx', 'onnxruntime'],
+    'benchmark': ['timm', 'onnx', 'onnxruntime', 'matplotlib'],
+    'tests': ['pytest', 'pytest-xdist', 'timm', 'onnx', 'onnxruntime'],
 }
 EXTRAS['all'] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 
@@ -27,7 +28,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmeformer', 'mmeformer.*']),
     python_requires='>=3.9',
-    install_requires=['torch>=2.1', 'mmengine>=0.10.0', 'timm>=1.0', 'safetensors'],
+    install_requires=['torch>=2.1', 'mmengine>=0.10.0', 'safetensors'],
     extras_require=EXTRAS,
     license='Apache-2.0',
 )

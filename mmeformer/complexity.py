@@ -1,6 +1,5 @@
 """Parameters and multiply-accumulates of the EfficientFormer / EfficientFormerV2 / EfficientViT
-backbones (papers: arXiv:2206.01191, arXiv:2212.08059, arXiv:2305.07027), or of a whole
-detector / segmentor config, at any input size.
+backbones, or of a whole detector / segmentor config, at any input size.
 
 MACs come from torch's FLOP counter (``torch.utils.flop_counter``: convolutions, linear layers and
 matrix products, attention matmuls included) divided by two. EfficientViT is counted with the
@@ -11,9 +10,12 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
+from mmengine.config import Config
+from mmengine.registry import MODELS, init_default_scope
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.layers import onednn_fusion
+from .builder import build_model
+from .models import fast_paths
 
 
 def count_params(model: nn.Module) -> int:
@@ -25,8 +27,8 @@ def count_macs(model: nn.Module, shape: Tuple[int, int], forward=None) -> int:
     """MACs of one forward pass on a (1, 3, H, W) input."""
     model.eval()
     x = torch.zeros(1, 3, *shape)
-    # The fused oneDNN inference kernels do the same MACs but are invisible to the counter.
-    with onednn_fusion(False), FlopCounterMode(display=False) as counter:
+    # The plain ops: the fused oneDNN kernels do the same MACs but are invisible to the counter.
+    with fast_paths(False), FlopCounterMode(display=False) as counter:
         (forward or model)(x)
     return counter.get_total_flops() // 2
 
@@ -36,6 +38,7 @@ def _full_model_forward(model: nn.Module, shape: Tuple[int, int]):
     h, w = shape
     meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), batch_input_shape=(h, w),
                 scale_factor=(1., 1.))
+    # mmdet / mmseg are optional extras: imported for the task at hand only.
     if hasattr(model, 'rpn_head') or hasattr(model, 'bbox_head'):
         from mmdet.structures import DetDataSample
         samples = [DetDataSample(metainfo=meta)]
@@ -48,14 +51,11 @@ def _full_model_forward(model: nn.Module, shape: Tuple[int, int]):
 def complexity(name_or_config: str, shape: Tuple[int, int]) -> Dict[str, int]:
     """``{'params': ..., 'macs': ...}`` of a backbone name or of a full config's model."""
     if name_or_config.endswith('.py'):
-        from mmengine.config import Config
-        from mmengine.registry import MODELS, init_default_scope
         cfg = Config.fromfile(name_or_config)
         init_default_scope(cfg.get('default_scope', 'mmdet'))
         cfg.model.backbone.pop('init_cfg', None)
         model = MODELS.build(cfg.model).eval()
         forward = _full_model_forward(model, shape)
     else:
-        from .export import build_model
         model, forward = build_model(name_or_config), None
     return dict(params=count_params(model), macs=count_macs(model, shape, forward))

@@ -1,99 +1,22 @@
-"""Export of the EfficientFormer / EfficientFormerV2 / EfficientViT backbones (papers:
-arXiv:2206.01191, arXiv:2212.08059, arXiv:2305.07027) to ONNX, TorchScript and CoreML, each
-followed by a numerical check against PyTorch.
+"""Export of the EfficientFormer / EfficientFormerV2 / EfficientViT backbones to ONNX,
+TorchScript and CoreML, each followed by a numerical check against PyTorch.
 
-The tool exports the fused model (:func:`mmeformer.deploy.fuse`) unless asked otherwise. A
+The tool exports the fused model (:func:`mmeformer.models.fuse`) unless asked otherwise. A
 static-size export freezes the attention biases of that size, so its graph holds no gather or
 bicubic resize of the bias tables; a dynamic export computes them from the input size.
 """
-import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .deploy import freeze_attention_biases, unfreeze_attention_biases
+from .models.deploy import freeze_attention_biases, unfreeze_attention_biases
 
-FAMILY_PREFIXES = {'efficientformer_': 'EfficientFormer', 'efficientformerv2_': 'EfficientFormerV2',
-                   'efficientvit_': 'EfficientViT'}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ONNX_OPSET = 17
 TOLERANCE = 1e-4  # largest accepted relative difference (max |diff| / max |reference|)
-
-
-def arch_names() -> List[str]:
-    from .models import EfficientFormer, EfficientFormerV2, EfficientViT
-    classes = {'EfficientFormer': EfficientFormer, 'EfficientFormerV2': EfficientFormerV2,
-               'EfficientViT': EfficientViT}
-    return [prefix + arch for prefix, family in FAMILY_PREFIXES.items()
-            for arch in classes[family].arch_settings]
-
-
-class BackboneWithNeck(nn.Module):
-    """Backbone followed by its neck, returning the neck's levels."""
-
-    def __init__(self, backbone: nn.Module, neck: nn.Module):
-        super().__init__()
-        self.backbone, self.neck = backbone, neck
-        self.in_channels = getattr(backbone, 'in_channels', 3)
-
-    def forward(self, x):
-        return tuple(self.neck(self.backbone(x)))
-
-
-def official_bias_img_size(size: Tuple[int, int]) -> int:
-    """``bias_img_size`` of the released dense weights for inputs of ``size``: 800 (COCO) at
-    detection sizes, 512 (ADE20K) below."""
-    return 800 if max(size) >= 640 else 512
-
-
-def build_model(name_or_config: str, checkpoint: Optional[str] = None,
-                with_neck: bool = False, bias_mode: Optional[str] = None,
-                bias_img_size: Optional[int] = None) -> nn.Module:
-    """A backbone from an arch name (``efficientformerv2_s0``) or from the backbone (and, with
-    ``with_neck``, the neck) of a detection / segmentation config. ``bias_mode`` and
-    ``bias_img_size`` (EfficientFormer V1 / V2 arch names) choose the attention-bias handling
-    instead of the default ``'table'``."""
-    from . import models
-    from .checkpoint import load_pretrained
-    if name_or_config.endswith('.py'):
-        if bias_mode is not None or bias_img_size is not None:
-            raise ValueError('with a config, set bias_mode / bias_img_size in its backbone')
-        if not os.path.isfile(name_or_config):
-            raise FileNotFoundError(f'config {name_or_config!r} not found')
-        from mmengine.config import Config
-        from mmengine.registry import MODELS, init_default_scope
-        cfg = Config.fromfile(name_or_config)
-        init_default_scope(cfg.get('default_scope', 'mmdet'))
-        if with_neck:  # a neck whose in_channels do not fit the backbone: say which, now
-            from .engine.config_check import check_model_config
-            check_model_config(cfg)
-        backbone_cfg = dict(cfg.model.backbone)
-        backbone_cfg.pop('init_cfg', None)
-        backbone = MODELS.build(backbone_cfg)
-        neck = MODELS.build(cfg.model.neck) if with_neck else None
-    else:
-        family = next((f for p, f in FAMILY_PREFIXES.items()
-                       if name_or_config.startswith(p) and
-                       name_or_config[len(p):] in getattr(models, f).arch_settings), None)
-        if family is None:
-            raise ValueError(f'unknown backbone {name_or_config!r}; choose one of '
-                             f'{arch_names()} or pass a config file')
-        if with_neck:
-            raise ValueError('--with-neck needs a detection or segmentation config')
-        bias_args = {k: v for k, v in dict(bias_mode=bias_mode, bias_img_size=bias_img_size)
-                     .items() if v is not None}
-        if bias_args and family == 'EfficientViT':
-            raise ValueError(f'{name_or_config} has no bias_mode / bias_img_size (its windows '
-                             f'keep the bias table size)')
-        backbone = getattr(models, family)(arch=name_or_config.split('_', 1)[1], **bias_args)
-        neck = None
-    if checkpoint:
-        load_pretrained(backbone, checkpoint)
-    model = BackboneWithNeck(backbone, neck) if neck is not None else backbone
-    return model.eval()
 
 
 def output_names(model: nn.Module, shape: Tuple[int, int]) -> List[str]:

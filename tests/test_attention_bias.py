@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
-from mmeformer.testing import randomize_
+from benchmarks.randomize import randomize_
 
 
 def first_appearance_index(query_grid, key_grid, step):
@@ -86,16 +86,16 @@ def test_v2_downsample_official_bias_matches_reference(key_hw, grad):
     ((1, 1, 3), (9, 2)),  # a single source row: every tap clamps to it
 ])
 def test_banded_bicubic_resize_equals_interpolate(shape, size, monkeypatch):
-    from mmeformer.models import layers
+    from mmeformer.models.layers import attention_bias
     x = torch.randn(shape) * 3
     expected = F.interpolate(x[None], size=size, mode='bicubic', align_corners=False)[0]
 
     def interpolate(*args, **kwargs):
         raise AssertionError('the banded resize should run in CPU inference')
 
-    monkeypatch.setattr(layers.F, 'interpolate', interpolate)
+    monkeypatch.setattr(attention_bias.F, 'interpolate', interpolate)
     with torch.no_grad():
-        got = layers.resize_bicubic(x, size)
+        got = attention_bias.resize_bicubic(x, size)
     assert got.data_ptr() != x.data_ptr()
     # Rounding: a 16-term sum of values up to ~10 in float32, in another order than ATen's.
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -160,7 +160,7 @@ def test_bias_cache_never_goes_stale():
 
 
 def test_bias_cache_keeps_the_most_recently_used_sizes_within_its_budget(monkeypatch):
-    from mmeformer.models import layers
+    from mmeformer.models.layers import attention_bias
     attn = first_attention(EfficientFormer('l1').eval())
     bias_bytes = {n: 8 * (n * n) ** 2 * 4 for n in (4, 5, 6)}  # (heads, n * n, n * n) float32
 
@@ -170,15 +170,16 @@ def test_bias_cache_keeps_the_most_recently_used_sizes_within_its_budget(monkeyp
     def bias(n):
         return attn.attention_bias((n, n), (n, n))
 
-    monkeypatch.setattr(layers, '_MAX_CACHED_BIASES', 2)
+    monkeypatch.setattr(attention_bias, 'MAX_CACHED_BIASES', 2)
     with torch.no_grad():
         first = bias(4)
         bias(5)
         assert bias(4) is first and cached() == [(5, 5), (4, 4)]  # a hit is the most recent
         bias(6)
         assert cached() == [(4, 4), (6, 6)]  # the least recently used went
-        monkeypatch.setattr(layers, '_MAX_CACHED_BIASES', 8)
-        monkeypatch.setattr(layers, '_MAX_CACHED_BIAS_BYTES', bias_bytes[4] + bias_bytes[5])
+        monkeypatch.setattr(attention_bias, 'MAX_CACHED_BIASES', 8)
+        monkeypatch.setattr(attention_bias, 'MAX_CACHED_BIAS_BYTES',
+                            bias_bytes[4] + bias_bytes[5])
         bias(5)
         assert cached() == [(5, 5)]  # 4, 6 and 5 exceed the bytes, and so do 6 and 5
         bias(4)
@@ -228,7 +229,7 @@ def test_gpu_inference_takes_few_query_chunks_and_plain_convs():
     """Query chunks and pointwise convs as GEMMs are CPU measures: on other devices, where a
     batch-1 forward is bound by kernel launches, a detection-size attention map is one chunk and
     a pointwise conv one conv."""
-    from mmeformer.models import layers
+    from mmeformer.models.layers import attention as layers, onednn
     assert layers.query_chunks(1050, 8, 1050) == [None]  # gradients enabled: never chunked
     with torch.no_grad():  # EfficientFormerV2-S0's stage-3 attention at 800x1344
         assert len(layers.query_chunks(1050, 8, 1050)) == 9
@@ -236,8 +237,8 @@ def test_gpu_inference_takes_few_query_chunks_and_plain_convs():
         assert len(layers.query_chunks(8192, 8, 8192, 'cuda')) == 16  # memory stays bounded
     conv = torch.nn.Conv2d(8, 16, 1)
     x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
-    assert layers._gemm_rows(conv, x) is not None
-    assert layers._gemm_rows(conv, x.to('meta')) is None
+    assert onednn.gemm_rows(conv, x) is not None
+    assert onednn.gemm_rows(conv, x.to('meta')) is None
 
 
 @pytest.mark.parametrize('batch', [1, 2])
@@ -247,7 +248,7 @@ def test_chunked_softmax_attention_equals_the_formula(per_head, batch, monkeypat
     when such chunks would have fewer than MIN_CHUNK_ROWS rows; both paths (with and without a
     bias, on a strided head view as EfficientFormer passes; the bias added by addmm, by baddbmm
     for one image's heads, or after the GEMM) equal the written-out formula."""
-    from mmeformer.models import layers
+    from mmeformer.models.layers import attention as layers
     torch.manual_seed(0)
     q = torch.randn(batch, 50, 3, 8).transpose(1, 2)  # a (B, heads, N, d) strided view
     k, v = torch.randn(batch, 3, 70, 8), torch.randn(batch, 3, 70, 12)
@@ -299,7 +300,7 @@ def test_v2_training_saves_no_bias_sized_tensors():
 def test_cache_biases_off_computes_the_bias_in_every_forward(cls):
     """``cache_biases=False``: the same outputs, each attention module computes its bias in every
     inference forward and holds none; switching it on again caches, off again drops them."""
-    from mmeformer.benchmark import bias_cache_bytes
+    from benchmarks.size_stream import bias_cache_bytes
     from mmeformer.models.layers import RelativeBiasAttention
     torch.manual_seed(0)
     cached = randomize_(cls()).eval()

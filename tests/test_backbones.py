@@ -8,7 +8,7 @@ import torch
 
 from conftest import ALL_ARCHS, backbone_class
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
-from mmeformer.testing import randomize_
+from benchmarks.randomize import randomize_
 
 SIZES = [(224, 224), (225, 331), (512, 512), (800, 1344), (37, 53)]
 
@@ -229,7 +229,7 @@ def test_forward_intermediates_checks_indices():
 
 @pytest.mark.parametrize('cls', [EfficientFormer, EfficientFormerV2, EfficientViT])
 def test_stochastic_depth_is_random_in_training_only(cls):
-    from mmeformer.deploy import fuse
+    from mmeformer.models import fuse
     from mmeformer.models.layers import DropPath
     model = cls(drop_path_rate=0.5, with_cp=True, norm_eval=True)
     randomize_(model)
@@ -373,7 +373,7 @@ def test_inference_fast_paths_equal_the_autograd_forward(cls, path, monkeypatch)
     the plain eval graph that autograd records, and leaves the caller's input untouched. With
     randomized weights: at initialisation, layer scales of 1e-5 and zero-initialised BN scales
     switch the branches off, so a wrong branch would still match."""
-    from mmeformer.models import layers
+    from mmeformer.models.layers import attention as layers, onednn
     calls = {'chunks': [], 'per_head': 0}
     query_chunks, per_head = layers.query_chunks, layers._per_head_attention
 
@@ -406,7 +406,7 @@ def test_inference_fast_paths_equal_the_autograd_forward(cls, path, monkeypatch)
         assert b.abs().max() > 1e-2  # the branches reach the output
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
     # Each path actually ran in the fast forward.
-    if layers._HAS_ONEDNN_POINTWISE:
+    if onednn.HAS_ONEDNN_POINTWISE:
         assert {'mkldnn::_linear_pointwise', 'mkldnn::_convolution_pointwise'} & ran
     if path == 'chunks':
         assert max(fast_calls['chunks']) > 1 and fast_calls['per_head'] == 0
@@ -449,15 +449,15 @@ def test_fused_onednn_kernels_equal_the_plain_ops(act):
     oneDNN's fused kernels; they give the plain ops' numbers, activation variant included."""
     import torch.nn as nn
 
-    from mmeformer.models.layers import (_HAS_ONEDNN_POINTWISE, _ONEDNN_MIN_LINEAR_ROWS, GELU,
-                                         conv2d, linear, onednn_fusion)
-    if not _HAS_ONEDNN_POINTWISE:
+    from mmeformer.models.layers import GELU, conv2d, fast_paths, linear
+    from mmeformer.models.layers.onednn import HAS_ONEDNN_POINTWISE, ONEDNN_MIN_LINEAR_ROWS
+    if not HAS_ONEDNN_POINTWISE:
         pytest.skip('this torch build has no oneDNN fused kernels')
     act_module = {None: None, 'gelu': GELU(), 'gelu_tanh': GELU(approximate='tanh'),
                   'relu': nn.ReLU()}[act]
     torch.manual_seed(0)
     pointwise, dense = nn.Conv2d(16, 24, 1), nn.Conv2d(16, 24, 3, padding=1)
-    side = math.isqrt(_ONEDNN_MIN_LINEAR_ROWS) + 1
+    side = math.isqrt(ONEDNN_MIN_LINEAR_ROWS) + 1
     x = torch.randn(1, 16, side, side).to(memory_format=torch.channels_last)
     calls = [lambda: conv2d(pointwise, x, act=act_module),  # a GEMM on the NHWC view
              lambda: linear(pointwise, x.permute(0, 2, 3, 1), act=act_module)]
@@ -465,7 +465,7 @@ def test_fused_onednn_kernels_equal_the_plain_ops(act):
         calls.append(lambda: conv2d(dense, x, act=act_module))
     with torch.no_grad():
         fused, ran = ops_that_ran(lambda: [call() for call in calls])
-        with onednn_fusion(False):
+        with fast_paths(False):
             plain = [call() for call in calls]
     assert 'mkldnn::_linear_pointwise' in ran
     assert (act is not None) == ('mkldnn::_convolution_pointwise' in ran)
@@ -480,24 +480,25 @@ def test_wide_gemm_weights_are_packed_once_and_follow_changes():
     import torch.nn.functional as F
 
     from mmeformer.models import layers
-    if not layers._HAS_ONEDNN_POINTWISE:
+    from mmeformer.models.layers import onednn
+    if not onednn.HAS_ONEDNN_POINTWISE:
         pytest.skip('this torch build has no oneDNN fused kernels')
     torch.manual_seed(0)
-    wide = nn.Linear(512, layers._ONEDNN_MIN_WEIGHT_ELEMENTS // 512)
-    narrow = nn.Linear(512, layers._ONEDNN_MIN_OUT_FEATURES - 64)
-    x = torch.randn(1, 49, 512)  # far fewer rows than _ONEDNN_MIN_LINEAR_ROWS
+    wide = nn.Linear(512, onednn.ONEDNN_MIN_WEIGHT_ELEMENTS // 512)
+    narrow = nn.Linear(512, onednn.ONEDNN_MIN_OUT_FEATURES - 64)
+    x = torch.randn(1, 49, 512)  # far fewer rows than ONEDNN_MIN_LINEAR_ROWS
     with torch.no_grad():
         out, ran = ops_that_ran(lambda: layers.linear(wide, x))
         assert 'mkldnn::_linear_pointwise' in ran
         torch.testing.assert_close(out, F.linear(x, wide.weight, wide.bias))
-        packed = layers._onednn_weights[wide.weight][1]
+        packed = onednn._packed_weights[wide.weight][1]
         layers.linear(wide, x)
-        assert layers._onednn_weights[wide.weight][1] is packed  # packed once
+        assert onednn._packed_weights[wide.weight][1] is packed  # packed once
         wide.weight.mul_(-2.)
         torch.testing.assert_close(layers.linear(wide, x), F.linear(x, wide.weight, wide.bias))
         _, ran = ops_that_ran(lambda: layers.linear(narrow, x))
         assert 'mkldnn::_linear_pointwise' not in ran
-        assert narrow.weight not in layers._onednn_weights
+        assert narrow.weight not in onednn._packed_weights
 
 
 def test_folded_gemm_weights_keep_only_their_packed_copy():
@@ -508,10 +509,11 @@ def test_folded_gemm_weights_keep_only_their_packed_copy():
     import torch.nn.functional as F
 
     from mmeformer.models import layers
-    if not layers._HAS_ONEDNN_POINTWISE:
+    from mmeformer.models.layers import onednn
+    if not onednn.HAS_ONEDNN_POINTWISE:
         pytest.skip('this torch build has no oneDNN fused kernels')
     torch.manual_seed(0)
-    pair = layers.ConvNorm(64, layers._ONEDNN_MIN_WEIGHT_ELEMENTS // 64)
+    pair = layers.ConvNorm(64, onednn.ONEDNN_MIN_WEIGHT_ELEMENTS // 64)
     with torch.no_grad():
         pair.bn.running_mean.normal_()
         pair.bn.running_var.uniform_(0.5, 2.)
@@ -534,7 +536,8 @@ def test_folded_gemm_weights_keep_only_their_packed_copy():
         pair.bn.weight.mul_(-2.)
         torch.testing.assert_close(pair(x), expected(), rtol=1e-5, atol=1e-5)
         assert pair._fold_cache[(conv_key, True)][1] is not packed
-        with layers.onednn_fusion(False):
+        with pytest.MonkeyPatch.context() as patch:  # a CPU without the fused kernels
+            patch.setattr(onednn, 'HAS_ONEDNN_POINTWISE', False)
             out, ran = ops_that_ran(lambda: pair(x))
         assert 'mkldnn::_linear_pointwise' not in ran
         torch.testing.assert_close(out, expected(), rtol=1e-5, atol=1e-5)
@@ -550,26 +553,61 @@ def test_packed_gemm_weights_are_dropped_with_the_eval_caches():
     import gc
 
     from mmeformer.models import layers
-    if not layers._HAS_ONEDNN_POINTWISE:
+    from mmeformer.models.layers import onednn
+    if not onednn.HAS_ONEDNN_POINTWISE:
         pytest.skip('this torch build has no oneDNN fused kernels')
     torch.manual_seed(0)
     model = randomize_(EfficientFormer(arch='l1')).eval()
     x = torch.randn(1, 3, 224, 224)
     gc.collect()  # earlier tests' models, so that only this one's entries come and go
-    before = len(layers._onednn_weights)
+    before = len(onednn._packed_weights)
     with torch.no_grad():
         model(x)
         mlp_weight = model.stages[3].blocks[-1].mlp.fc1.weight  # a parameter, packed
-        assert mlp_weight in layers._onednn_weights
+        assert mlp_weight in onednn._packed_weights
         pool_mlp = model.stages[0].blocks[0].mlp  # 1x1 convs + BN: packed in its fold cache
         assert (id(pool_mlp.fc1), True) in pool_mlp._fold_cache
         mlp_weight.data.mul_(-1.)
         stale = model(x)
         model.eval()
         gc.collect()
-        assert len(layers._onednn_weights) == before
+        assert len(onednn._packed_weights) == before
         fresh = model(x)
-        with layers.onednn_fusion(False):
+        with layers.fast_paths(False):
             plain = model(x)
     torch.testing.assert_close(fresh, plain, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(stale[-1], plain[-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('cls', [EfficientFormer, EfficientFormerV2, EfficientViT])
+def test_fast_paths_switch_off_in_one_call_with_equal_outputs(cls, monkeypatch):
+    """``fast_paths(False)`` runs the plain inference graph (no folded BatchNorms, no oneDNN
+    kernels, no cached biases, no query chunks) with the outputs of the fast one; as a context
+    manager it restores the previous setting."""
+    from mmeformer.models import fast_paths
+    from mmeformer.models.layers import attention, eval_cache_bytes, fast_paths_enabled
+    from mmeformer.models.layers.onednn import HAS_ONEDNN_POINTWISE
+    monkeypatch.setattr(attention, 'QUERY_CHUNK_ELEMENTS', 1)  # chunks wherever there are any
+    model = randomize_(cls(), seed=1).eval()
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        fast, fast_ops = ops_that_ran(lambda: model(x))
+        held = eval_cache_bytes(model)
+        model.eval()  # drops the caches
+        fast_paths(False)
+        try:
+            assert not fast_paths_enabled()
+            plain, plain_ops = ops_that_ran(lambda: model(x))
+            assert attention.query_chunks(400, 8, 400) == [None]
+            assert eval_cache_bytes(model) == 0
+        finally:
+            fast_paths(True)
+        with fast_paths(False):
+            assert not fast_paths_enabled()
+        assert fast_paths_enabled()
+    assert held > 0
+    assert not {op for op in plain_ops if op.startswith('mkldnn::')}
+    if HAS_ONEDNN_POINTWISE:
+        assert {op for op in fast_ops if op.startswith('mkldnn::')}
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())

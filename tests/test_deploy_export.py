@@ -9,11 +9,12 @@ import torch
 
 from conftest import REPO
 from mmeformer.complexity import count_macs
-from mmeformer.deploy import fuse
-from mmeformer.export import build_model, export_coreml, export_onnx, export_torchscript, \
+from mmeformer.models import fuse
+from mmeformer.builder import build_model
+from mmeformer.export import export_coreml, export_onnx, export_torchscript, \
     verify_onnx, verify_torchscript
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
-from mmeformer.testing import randomize_
+from benchmarks.randomize import randomize_
 
 ONE_PER_FAMILY = [(EfficientFormer, 'l1'), (EfficientFormerV2, 's0'), (EfficientViT, 'm0')]
 
@@ -125,7 +126,8 @@ def test_build_model_bias_mode_for_arch_names():
         build_model(config, bias_img_size=512)
 
 
-# BACKBONES.md section 1: V1/V2 classification MACs; EfficientViT with the downstream 7x7 windows.
+# MACs at 224 counted with torch's FLOP counter (docs/backbones.md): V1 / V2 as the
+# classification models; EfficientViT with the downstream 7x7 windows.
 PUBLISHED_GMACS = {
     'efficientformer_l1': 1.2904, 'efficientformer_l3': 3.9055, 'efficientformer_l7': 10.1178,
     'efficientformerv2_s0': 0.3955, 'efficientformerv2_s1': 0.6515, 'efficientformerv2_s2': 1.2463,
@@ -146,7 +148,7 @@ def test_get_flops_json():
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'get_flops.py'), 'efficientvit_m4',
                            '--shape', '512', '512', '--json'], capture_output=True, text=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert abs(result['macs'] / 1e6 - 1594.4) <= 1e-4 * 1594.4  # BACKBONES.md at 512x512
+    assert abs(result['macs'] / 1e6 - 1594.4) <= 1e-4 * 1594.4  # the downstream M4 at 512x512
     assert result['params'] == sum(p.numel() for p in EfficientViT('m4').parameters())
 
 
@@ -170,7 +172,8 @@ def test_get_flops_of_a_whole_segmentor_config():
 
 
 def test_benchmark_quick_writes_its_report(tmp_path):
-    # The quick preset (3 variants x eager/fused/ONNX Runtime) at small sizes to keep CI short.
+    # The quick preset (2 variants per family x eager/fused/ONNX Runtime) at small sizes to keep
+    # CI short.
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--quick',
                            '--sizes', '64x64', '96x128', '--repeats', '2', '--out', str(tmp_path)],
                           capture_output=True, text=True)
@@ -180,7 +183,7 @@ def test_benchmark_quick_writes_its_report(tmp_path):
     # Latency runs keep freed memory in glibc's heap, for every implementation alike.
     assert 'freed memory kept' in report['environment']['allocator']
     runs = {(m['variant'], m['runtime'], m['height']) for m in report['measurements']}
-    assert len(runs) == 3 * 3 * 2  # 3 variants x (eager, fused, onnxruntime) x 2 sizes
+    assert len(runs) == 6 * 3 * 2  # 6 variants x (eager, fused, onnxruntime) x 2 sizes
     assert all(m['median_ms'] > 0 and m['gmacs'] > 0 for m in report['measurements'])
     # The share of matmul speed is against the matmul timed in the same rounds as the setting.
     for m in report['measurements']:
@@ -226,7 +229,7 @@ def test_benchmark_profile_splits_attention_from_the_rest(tmp_path):
 
 
 def test_benchmark_times_candidates_in_interleaved_rounds():
-    from mmeformer.benchmark import time_interleaved
+    from benchmarks.timing import time_interleaved
     calls = []
     results = time_interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
                                warmup=2, repeats=3, device='cpu')
@@ -238,7 +241,7 @@ def test_benchmark_times_candidates_in_interleaved_rounds():
 
 
 def test_detection_test_sizes_are_what_a_keep_ratio_test_pipeline_feeds():
-    from mmeformer.benchmark import detection_test_sizes
+    from benchmarks.size_stream import detection_test_sizes
     sizes = detection_test_sizes(200)
     assert sizes == detection_test_sizes(200)  # seeded: every run times the same stream
     assert (800, 1088) in sizes  # a 480x640 photo: x5/3 -> 800x1067, padded to 32
@@ -251,7 +254,8 @@ def test_detection_test_sizes_are_what_a_keep_ratio_test_pipeline_feeds():
 
 def test_eval_cache_bytes_counts_packed_folded_weights_and_biases():
     from mmeformer.models import layers
-    if not layers._HAS_ONEDNN_POINTWISE:
+    from mmeformer.models.layers.onednn import HAS_ONEDNN_POINTWISE
+    if not HAS_ONEDNN_POINTWISE:
         pytest.skip('this torch build has no oneDNN fused kernels')
     pair = layers.ConvNorm(64, 2048).eval()
     x = torch.randn(1, 64, 7, 9).contiguous(memory_format=torch.channels_last)
@@ -311,7 +315,8 @@ def test_benchmark_size_stream_reports_time_per_image_and_cached_biases(tmp_path
         assert 0 < r['median_ms'] <= r['p90_ms'] and r['mean_ms'] > 0
         # Five attention modules, each keeping its newest bias and older ones within 32 MiB: at
         # these sizes 4 x (8, Nq, Nq) and the downsample's (8, Nq, 4 Nq), Nq <= 25 * 42.
-        assert 0 < r['bias_cache_mb'] <= (4 * 8 * 1050 ** 2 + 8 * 1050 * 4200) * 4 / 2 ** 20 + 5 * 32
+        bound = (4 * 8 * 1050 ** 2 + 8 * 1050 * 4200) * 4 / 2 ** 20 + 5 * 32
+        assert 0 < r['bias_cache_mb'] <= bound
     assert '| efficientformerv2_s0 | mmeformer | fused | 3 (3) |' in \
         (tmp_path / 'size_stream.md').read_text()
     rejected = subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'),

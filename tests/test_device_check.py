@@ -1,4 +1,5 @@
-"""mmeformer.device_check and tools/device_check.py on CPU: bfloat16 (eager and deploy-fused) and
+"""benchmarks/device_check.py and tools/device_check.py on CPU: bfloat16 (eager and deploy-fused)
+and
 the float32 fused runtime agree with float32 eager within the stated tolerances, the caches give
 the same outputs as the first forward, and a model that goes wrong in bfloat16 is reported."""
 import argparse
@@ -12,10 +13,10 @@ import torch
 import torch.nn as nn
 
 from conftest import REPO
-from mmeformer import device_check
+from benchmarks import device_check
 from mmeformer.cli import doc_parser, image_size
-from mmeformer.export import build_model
-from mmeformer.testing import randomize_
+from mmeformer.builder import build_model
+from benchmarks.randomize import randomize_
 
 SIZE = (130, 170)  # odd: padded windows, resized biases
 

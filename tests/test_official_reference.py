@@ -1,4 +1,4 @@
-"""The plain re-implementation of the official dense backbones (mmeformer.official_reference):
+"""The plain re-implementation of the official dense backbones (benchmarks/official_reference.py):
 its checkpoint layout against the released key tables, its bias index against a loop-based
 rendering of the recipe, and mmeformer's ``bias_mode='official'`` against it, loaded from the same
 dense checkpoint through the normal loader."""
@@ -10,8 +10,8 @@ import torch
 
 from conftest import ARCHS, FIXTURES, backbone_class
 from mmeformer.checkpoint import load_pretrained
-from mmeformer.official_reference import build_official_reference, first_appearance_bias_index
-from mmeformer.testing import randomize_
+from benchmarks.official_reference import build_official_reference, first_appearance_bias_index
+from benchmarks.randomize import randomize_
 
 TAGS = {'EfficientFormer': 'v1', 'EfficientFormerV2': 'v2'}
 BIAS_IMG_SIZE = {'det': 800, 'seg': 512}
@@ -41,7 +41,7 @@ def test_state_dict_is_the_release_layout(family, arch, kind):
 
 
 def loop_index(query_grid, key_grid, step):
-    """The recipe of BACKBONES.md written as loops: offsets numbered by first appearance over
+    """The recipe of docs/checkpoints.md written as loops: offsets numbered by first appearance over
     query points (outer) and key points (inner), both row-major."""
     offsets, idxs = {}, []
     for p1 in itertools.product(range(query_grid), repeat=2):

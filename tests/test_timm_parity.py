@@ -7,7 +7,7 @@ import torch
 
 from conftest import ALL_ARCHS, backbone_class
 from mmeformer.checkpoint import load_pretrained
-from mmeformer.testing import randomize_
+from benchmarks.randomize import randomize_
 
 
 TIMM_NAMES = {'EfficientFormer': 'efficientformer_{}', 'EfficientFormerV2': 'efficientformerv2_{}',

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mmeformer.export import ImageNetNormalize
 from mmeformer.models import EfficientFormerV2
-from mmeformer.testing import randomize_
+from benchmarks.randomize import randomize_
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / 'tools'

@@ -2,14 +2,14 @@
 """Backbone latency report: variants x sizes x runtimes x batch sizes x threads, as Markdown, CSV,
 JSON (with the environment) and a PNG plot.
 
-    python tools/benchmark.py --quick                       # about a minute
+    python tools/benchmark.py --quick                       # a few minutes
     python tools/benchmark.py --out outputs/benchmark        # all 13 at 224, 512, 800x1344
     python tools/benchmark.py --compare --sizes 800x1344 512x512 224x224   # vs timm / official
     python tools/benchmark.py --profile --compare --variants efficientformerv2_s0 --sizes 512x512
 
 --compare adds, in the same run: timm (all 13 at 224; EfficientViT with img_size=512 at every
 size); for EfficientFormer V1/V2 at detection / segmentation sizes, mmeformer with
-bias_mode='official' and mmeformer.official_reference, a plain re-implementation of the official
+bias_mode='official' and benchmarks/official_reference.py, a plain re-implementation of the official
 dense backbones (bias matrix gathered and resized bicubically on every forward) that stands in
 for the official code. The report ends with the speed ratios of the run.
 
@@ -21,7 +21,7 @@ throughput measured at the start of the run.
 
 --size-stream N (CPU, fp32, batch 1, eager / fused) instead runs N images of a seeded stream of
 detection test sizes (keep-ratio resize into 1333x800, padded to 32; see
-mmeformer.benchmark.detection_test_sizes), each through every candidate in turn, and reports
+benchmarks/size_stream.py), each through every candidate in turn, and reports
 the mean time per image and the bytes of attention biases cached at the end: what an
 evaluation pays for new input sizes, which a fixed-size run never shows.
 """
@@ -29,24 +29,34 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
+from pathlib import Path
 from typing import List
 
 import torch
 
-from mmeformer import benchmark
-from mmeformer.cli import doc_parser, image_size
-from mmeformer.export import arch_names, build_model
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the lab (benchmarks/) sits beside the package, not installed
 
-QUICK = dict(variants=['efficientformer_l1', 'efficientformerv2_s0', 'efficientvit_m4'],
+from benchmarks import latency, profiling, references  # noqa: E402
+from benchmarks import size_stream as stream  # noqa: E402
+from mmeformer.builder import build_model  # noqa: E402
+from mmeformer.cli import doc_parser, image_size  # noqa: E402
+from mmeformer.models import arch_names  # noqa: E402
+
+# Two variants of each family, so that the figure draws a line per family.
+QUICK = dict(variants=['efficientformer_l1', 'efficientformer_l3', 'efficientformerv2_s0',
+                       'efficientformerv2_s1', 'efficientvit_m0', 'efficientvit_m4'],
              sizes=[(224, 224), (512, 512)], runtimes=['eager', 'fused', 'onnxruntime'],
              warmup=1, repeats=5)
+PROFILE_VARIANTS = ['efficientformer_l1', 'efficientformerv2_s0', 'efficientvit_m4']
 
 
 def main(argv=None):
     parser = doc_parser(__doc__)
     parser.add_argument('--variants', nargs='+', choices=arch_names(), metavar='ARCH')
     parser.add_argument('--sizes', nargs='+', type=image_size, metavar='HxW')
-    parser.add_argument('--runtimes', nargs='+', choices=benchmark.RUNTIMES)
+    parser.add_argument('--runtimes', nargs='+', choices=references.RUNTIMES)
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1])
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
@@ -55,7 +65,7 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int)
     parser.add_argument('--compare', action='store_true', help='also time timm and the official '
                         'code stand-in (see below)')
-    parser.add_argument('--quick', action='store_true', help='3 variants, 2 sizes, ~1 minute')
+    parser.add_argument('--quick', action='store_true', help='6 variants (2 per family), 2 sizes, a few minutes')
     parser.add_argument('--train-memory', action='store_true',
                         help='instead of latency: peak memory of one training step (forward + '
                         'backward) per variant, each in a fresh process (default batch 2, '
@@ -76,7 +86,7 @@ def main(argv=None):
     parser.add_argument('--malloc', choices=['kept', 'default'], default='kept',
                         help="latency runs: 'kept' (default) keeps freed memory in glibc's heap "
                         "for this process, for every implementation alike (see "
-                        "mmeformer/allocator.py); 'default' leaves glibc's settings")
+                        "benchmarks/allocator.py); 'default' leaves glibc's settings")
     parser.add_argument('--out', default='outputs/benchmark')
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -94,46 +104,43 @@ def main(argv=None):
     if args.size_stream is not None:
         return size_stream(args, parser)
     settings = dict(QUICK) if args.quick else dict(
-        variants=arch_names(), sizes=list(benchmark.DEFAULT_SIZES),
+        variants=arch_names(), sizes=list(latency.DEFAULT_SIZES),
         runtimes=['eager', 'fused', 'compile', 'onnxruntime'], warmup=2, repeats=10)
     for key in ('variants', 'sizes', 'runtimes', 'warmup', 'repeats'):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.device == 'cuda' and 'onnxruntime' in settings['runtimes']:
         settings['runtimes'] = [r for r in settings['runtimes'] if r != 'onnxruntime']
-    report = benchmark.run(batch_sizes=args.batch_sizes, threads=args.threads,
+    report = latency.run(batch_sizes=args.batch_sizes, threads=args.threads,
                            device=args.device, dtype=args.dtype, compare=args.compare,
                            keep_memory=args.malloc == 'kept',
                            progress=lambda line: print(line, flush=True), **settings)
-    paths = benchmark.write(report, args.out)
-    print(benchmark.to_markdown(report))
+    paths = latency.write(report, args.out)
+    print(latency.to_markdown(report))
     for kind, path in paths.items():
         print(f'wrote {kind}: {path}')
     return 0
 
 
 def profile(args) -> int:
-    from dataclasses import asdict
     if args.device != 'cpu' or args.dtype != 'float32':
         print('--profile times CPU fp32 eager forwards only', file=sys.stderr)
         return 2
     repeats = args.repeats or 5
-    rows = benchmark.profile(args.variants or QUICK['variants'], args.sizes or [(512, 512)],
+    rows = profiling.profile(args.variants or PROFILE_VARIANTS, args.sizes or [(512, 512)],
                              compare=args.compare, threads=args.threads,
                              warmup=args.warmup or 2, repeats=repeats,
                              keep_memory=args.malloc == 'kept',
                              progress=lambda line: print(line, flush=True))
     text = (f'{args.threads} threads, batch 1, fp32, eval; medians of {repeats} '
             f'forwards; fp32 matmul {rows[0].matmul_gflops:.0f} GFLOP/s.\n\n'
-            + benchmark.profile_markdown(rows))
+            + profiling.profile_markdown(rows))
     write_report(args.out, 'profile', text, [asdict(r) for r in rows])
     return 0
 
 
 def write_report(out_dir: str, name: str, text: str, data) -> None:
     """Print ``text`` and write it as ``name``.md, and ``data`` as ``name``.json."""
-    import json
-    import os
     os.makedirs(out_dir, exist_ok=True)
     print(text)
     for kind, content in (('md', text), ('json', json.dumps(data, indent=1))):
@@ -144,29 +151,29 @@ def write_report(out_dir: str, name: str, text: str, data) -> None:
 
 
 def size_stream(args, parser) -> int:
-    from dataclasses import asdict
     runtimes = args.runtimes or ['eager']
     if args.device != 'cpu' or args.dtype != 'float32' or args.size_stream < 1:
         parser.error('--size-stream N (N >= 1) times CPU fp32 forwards only')
-    if set(runtimes) - set(benchmark.STREAM_RUNTIMES):
+    if set(runtimes) - set(stream.STREAM_RUNTIMES):
         parser.error('--size-stream times the eager and fused runtimes only (the others are '
                      'built for one input size)')
-    env, results = benchmark.size_stream(
-        args.variants or QUICK['variants'], args.size_stream, runtimes, compare=args.compare,
+    env, results = stream.size_stream(
+        args.variants or PROFILE_VARIANTS, args.size_stream, runtimes, compare=args.compare,
         threads=args.threads, warmup=args.warmup or 1, keep_memory=args.malloc == 'kept',
         progress=lambda line: print(line, flush=True))
-    write_report(args.out, 'size_stream', benchmark.size_stream_markdown(env, results),
+    write_report(args.out, 'size_stream', stream.size_stream_markdown(env, results),
                  dict(environment=env, results=[asdict(r) for r in results]))
     return 0
 
 
 def _in_fresh_processes(calls: List[str], threads: int) -> List[dict]:
-    """Run each ``mmeformer.benchmark`` call (Python source returning a dict) in its own process
-    (a process's peak resident set only grows); the rows of those that succeeded."""
+    """Run each :mod:`benchmarks.memory` call (Python source returning a dict) in its own
+    process (a process's peak resident set only grows); the rows of those that succeeded."""
     rows = []
     for call in calls:
-        code = (f'import json, torch; from mmeformer import benchmark; '
-                f'torch.set_num_threads({threads}); print(json.dumps(benchmark.{call}))')
+        code = (f'import json, sys, torch; sys.path.insert(0, {str(ROOT)!r}); '
+                f'from benchmarks import memory; torch.set_num_threads({threads}); '
+                f'print(json.dumps(memory.{call}))')
         done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
         if done.returncode != 0:
             print(f'{call}: failed: {done.stderr.strip().splitlines()[-1]}', flush=True)
@@ -214,7 +221,7 @@ def eval_memory(args) -> int:
             settings = [('mmeformer', runtime) for runtime in args.runtimes or ('eager', 'fused')]
             if args.compare:
                 settings += [(impl, runtime) for impl, runtime, _, _ in
-                             benchmark.reference_builders(variant, base, (h, w))]
+                             references.reference_builders(variant, base, (h, w))]
             calls += [f'eval_memory({variant!r}, ({h}, {w}), {impl!r}, {runtime!r}, '
                       f'{args.device!r})' for impl, runtime in settings]
     rows = _in_fresh_processes(calls, args.threads)

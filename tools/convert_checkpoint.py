@@ -24,6 +24,7 @@ import os
 import sys
 
 import torch
+from safetensors.torch import save_file
 
 from mmeformer.checkpoint import (CheckpointError, extract_state_dict, read_backbone_state_dict,
                                   read_checkpoint)
@@ -49,7 +50,6 @@ def convert_file(src: str, dst: str, prefix=None) -> dict:
                 dense_bias_tables=str(info['dense']), dropped=str(len(dropped)))
     converted = {k: v.contiguous() for k, v in converted.items()}
     if dst.endswith('.safetensors'):
-        from safetensors.torch import save_file
         save_file(converted, dst, metadata=meta)
     else:
         torch.save(dict(state_dict=converted, meta=meta), dst)

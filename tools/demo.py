@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from mmeformer.checkpoint import load_pretrained
+from mmeformer.models import arch_names, create_backbone
+
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = 'configs/detection/toy/maskrcnn_eformer_l1.py'
 
@@ -45,16 +48,14 @@ def run(step: str, args, log_dir: Path):
 
 
 def check_backbones():
-    from mmeformer.checkpoint import load_pretrained
-    from mmeformer.export import arch_names, build_model
     print('\n=== 1: every backbone at 225x331 (odd, non-square), checkpoint round trip')
     for name in arch_names():
-        model = build_model(name)
+        model = create_backbone(name).eval()
         with torch.inference_mode():
             outs = model(torch.randn(1, 3, 225, 331))
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(model.state_dict(), Path(tmp) / 'ckpt.pth')
-            report = load_pretrained(build_model(name), str(Path(tmp) / 'ckpt.pth'),
+            report = load_pretrained(create_backbone(name), str(Path(tmp) / 'ckpt.pth'),
                                      logger='silent')
         shapes = ' '.join('x'.join(map(str, o.shape[1:])) for o in outs)
         print(f'{name:22s} levels {shapes:42s} reload missing/unused '

@@ -9,18 +9,22 @@ float32 eager on CPU? Inference (twice: the second forward reads the caches) and
 Defaults: every variant at 800x1344 (detection size, chunked attention) and 250x330 (odd size,
 padded windows), EfficientFormer V1 / V2 also with bias_mode='official'; dtypes float32,
 float16 and bfloat16 on CUDA, bfloat16 on CPU (float32 eager on CPU is the reference itself).
-See mmeformer/device_check.py for what differs between devices and the tolerances.
+See benchmarks/device_check.py for what differs between devices and the tolerances.
 """
 import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
-from mmeformer import benchmark, device_check
-from mmeformer.cli import doc_parser, image_size
-from mmeformer.export import arch_names
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the lab, not installed
+
+from benchmarks import device_check  # noqa: E402
+from benchmarks.timing import environment  # noqa: E402
+from mmeformer.cli import doc_parser, image_size  # noqa: E402
+from mmeformer.models import arch_names  # noqa: E402
 
 
 def main(argv=None):
@@ -51,7 +55,7 @@ def main(argv=None):
                                args.runtimes, official_bias=not args.no_official_bias,
                                training=not args.no_training,
                                progress=lambda line: print(line, flush=True))
-    env = benchmark.environment(args.device, args.threads)
+    env = environment(args.device, args.threads)
     text = device_check.to_markdown(results, env)
     os.makedirs(args.out, exist_ok=True)
     print(text)

@@ -16,8 +16,9 @@ import sys
 import torch
 
 from mmeformer import export
+from mmeformer.builder import build_model
 from mmeformer.cli import doc_parser
-from mmeformer.deploy import fuse
+from mmeformer.models import fuse
 
 
 def parse_args(argv=None):
@@ -52,7 +53,7 @@ def main(argv=None):
     torch.manual_seed(0)
     shape = tuple(args.shape)
     try:
-        model = export.build_model(args.arch, args.checkpoint, args.with_neck)
+        model = build_model(args.arch, args.checkpoint, args.with_neck)
     except ValueError as err:  # unknown arch, a config error naming the key (ConfigError)
         print(f'error: {err}', file=sys.stderr)
         return 2

@@ -16,6 +16,9 @@ import os
 import os.path as osp
 import sys
 
+from mmeformer.datasets import make_toy_coco
+from mmeformer.engine import load_config, train
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(REPO, 'configs', 'detection', 'toy', 'maskrcnn_eformer_l1.py')
 
@@ -46,9 +49,6 @@ def main(argv=None):
                         help='required rise of bbox and segm AP over the first evaluation')
     parser.add_argument('--work-dir', default=osp.join('work_dirs', 'toy_convergence'))
     args = parser.parse_args(argv)
-
-    from mmeformer.datasets import make_toy_coco
-    from mmeformer.engine import load_config, train
 
     work_dir = osp.abspath(args.work_dir)
     data_root = osp.join(work_dir, 'data', 'toy', 'coco')

@@ -12,9 +12,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..models.archs import FAMILIES as ARCHS
 from .io import CheckpointError
 
-FAMILIES = ('EfficientFormer', 'EfficientFormerV2', 'EfficientViT')
+FAMILIES = tuple(ARCHS)
 
 # Dropped on purpose, with the reason reported to the user.
 HEAD_REASON = 'classification head / norm (not part of the backbone)'
@@ -37,7 +38,8 @@ def detect_family(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
 
 def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
     """'original' (released ``network.N`` / ``blocksN`` files) or 'native' (timm / mmeformer)."""
-    if any(k.startswith(('network.', 'blocks1.', 'blocks2.', 'patch_embed.0.')) for k in state_dict):
+    original = ('network.', 'blocks1.', 'blocks2.', 'patch_embed.0.')
+    if any(k.startswith(original) for k in state_dict):
         return 'original'
     return 'native'
 
@@ -197,9 +199,7 @@ def checkpoint_widths(converted: Dict[str, torch.Tensor], family: str) -> Option
 
 def guess_arch(converted: Dict[str, torch.Tensor], family: str) -> Optional[str]:
     """Name of the released arch whose stage widths match the checkpoint, if any."""
-    from ..models import EfficientFormer, EfficientFormerV2, EfficientViT
-    settings = {'EfficientFormer': EfficientFormer, 'EfficientFormerV2': EfficientFormerV2,
-                'EfficientViT': EfficientViT}[family].arch_settings
+    settings = ARCHS[family][1]
     widths = checkpoint_widths(converted, family)
     for name, arch in settings.items():
         if widths == list(arch['widths']):

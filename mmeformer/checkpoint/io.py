@@ -8,6 +8,10 @@ import zipfile
 from typing import Dict, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .safe_globals import mmengine_checkpoint_globals
 
 
 class CheckpointError(ValueError):
@@ -17,7 +21,7 @@ class CheckpointError(ValueError):
 ANSI_ESCAPE = re.compile(r'\x1b\[[0-9;]*m')
 # What torch's safe unpickler names when it refuses a file ('Unsupported global: GLOBAL
 # argparse.Namespace ...', 'unsupported GLOBAL posix.system ...') and what
-# mmeformer.engine.safe_load refuses ('asks for getattr(...)').
+# mmeformer.checkpoint.safe_globals refuses ('asks for getattr(...)').
 REFUSED_GLOBAL = re.compile(r'GLOBAL ([\w.]+)|asks for (getattr\(.*?\));')
 
 
@@ -51,14 +55,11 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
     path = os.fspath(path)
     check_checkpoint_path(path)
     if path.endswith('.safetensors'):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f'checkpoint {path!r} is not a readable safetensors file '
                                   f'({err})') from err
-    from ..engine.safe_load import mmengine_checkpoint_globals
     try:
         # Training checkpoints of mmengine also hold a few logging / numpy objects: exactly
         # those are allow-listed, everything else stays refused.

@@ -8,6 +8,10 @@ import torch
 import torch.nn.functional as F
 from mmengine.logging import print_log
 
+from ..models.archs import FAMILIES as ARCHS
+from ..models.archs import variant_name
+from ..models.factory import create_backbone
+from ..models.layers import RelativeBiasAttention
 from .convert import (checkpoint_widths, convert_state_dict, dense_bias_img_size, detect_family,
                       guess_arch, table_side)
 from .io import CheckpointError, extract_state_dict, read_checkpoint
@@ -67,7 +71,6 @@ def read_backbone_state_dict(path: str, prefix: Optional[str] = None):
 
 
 def _bias_modules(model):
-    from ..models.layers import RelativeBiasAttention
     return {name: m for name, m in model.named_modules() if isinstance(m, RelativeBiasAttention)}
 
 
@@ -239,9 +242,7 @@ def convert_and_verify(state_dict: dict, family: str, path: str, prefix: str = '
     comes from (in the bias mode of the file), that it loads with ``strict=True``: the converter
     must never write a file that fails or half-loads later. Returns
     ``(converted, dropped, info, arch)`` as :func:`convert_state_dict` plus the arch name."""
-    from .. import models
     converted, dropped, info = convert_state_dict(state_dict, family)
-    model_cls = getattr(models, family)
     arch = guess_arch(converted, family)
     if arch is None:
         hint = _prefix_hint(converted, family, list(converted),
@@ -251,7 +252,7 @@ def convert_and_verify(state_dict: dict, family: str, path: str, prefix: str = '
                  f'its keys look like {sorted(converted)[:SHOWN_KEYS]}')
         raise CheckpointError(
             f'{path!r}: cannot tell which released {family} arch '
-            f'({", ".join(model_cls.arch_settings)}) it is: {found}. '
+            f'({", ".join(ARCHS[family][1])}) it is: {found}. '
             + (f'Likely fix: {hint}. ' if hint else '')
             + "A custom arch loads directly with init_cfg=dict(type='Pretrained', "
             'checkpoint=...), which checks the file against the model you build')
@@ -262,7 +263,7 @@ def convert_and_verify(state_dict: dict, family: str, path: str, prefix: str = '
     # allocating or initialising weights (1.2 s for L7 on the CPU). Converting the converted
     # dict again is deliberate: it is what loading the written file will do.
     with torch.device('meta'):
-        reference = model_cls(arch=arch, **kwargs)
+        reference = create_backbone(variant_name(family, arch), **kwargs)
     fit_state_dict(reference, converted, family, path, prefix)
     return converted, dropped, info, arch
 

@@ -3,13 +3,15 @@
 mixed precision and safe loading of mmengine checkpoints."""
 from .amp import CPUAmpOptimWrapper
 from .checkpointing import AtomicCheckpointHook, AtomicLocalBackend, atomic_write
-from .config_check import ConfigError, backbone_out_channels, check_model_config
+from ..checkpoint.safe_globals import (allow_mmengine_checkpoint_globals,
+                                       mmengine_checkpoint_globals)
+from .config_check import backbone_out_channels, check_model_config
+from .errors import ConfigError, LaunchError
 from .loops import ResumableEpochBasedTrainLoop
-from .runner import (LaunchError, add_runner_arguments, build_runner, default_work_dir,
+from .runner import (add_runner_arguments, build_runner, default_work_dir,
                      load_config, parse_runner_args, prepare_distributed, restore_resume_seed,
                      test, train, use_atomic_checkpoints, use_own_visualizer,
                      use_resumable_epoch_loop)
-from .safe_load import allow_mmengine_checkpoint_globals, mmengine_checkpoint_globals
 
 __all__ = [
     'AtomicCheckpointHook', 'AtomicLocalBackend', 'CPUAmpOptimWrapper', 'ConfigError',

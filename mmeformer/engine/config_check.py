@@ -10,18 +10,15 @@ list of ``in_channels``) or, without a neck, with the decode head's ``in_channel
 ``frozen_stages`` out of range) surface here too, prefixed with the config key.
 
 :func:`mmeformer.engine.build_runner` (``tools/train.py``, ``tools/test.py``) and
-:func:`mmeformer.export.build_model` (``tools/export.py --with-neck``) run it.
+:func:`mmeformer.builder.build_model` (``tools/export.py --with-neck``) run it.
 """
 from typing import List, Optional
 
 import torch
+from mmengine.registry import MODELS
 
-from .runner import LaunchError
-
-
-class ConfigError(LaunchError, ValueError):
-    """A config value that cannot work; the message names the key, the valid values and the
-    fix. A ``ValueError`` for API users, a ``LaunchError`` for the tools (``error: ...``)."""
+from ..models.backbones.base import MobileBackbone
+from .errors import ConfigError
 
 
 def _model_cfg(cfg):
@@ -30,9 +27,6 @@ def _model_cfg(cfg):
 
 def _mobile_backbone_class(backbone_cfg, scope: Optional[str]):
     """The class ``backbone_cfg`` builds when it is an mmeformer backbone, else None."""
-    from mmengine.registry import MODELS
-
-    from ..models.backbones.base import MobileBackbone
     obj_type = backbone_cfg.get('type')
     cls = None
     if isinstance(obj_type, type):

@@ -9,7 +9,7 @@ The logic behind ``tools/train.py`` and ``tools/test.py`` (which stay thin argum
   ``device_ids``, both of which fail on CPU), and replaces SyncBN by BN on CPU.
 * :func:`build_runner` checks the model config (:func:`mmeformer.engine.check_model_config`),
   allow-lists mmengine's checkpoint globals for ``torch.load``
-  (:mod:`mmeformer.engine.safe_load`), makes checkpoint writing crash-safe
+  (:mod:`mmeformer.checkpoint.safe_globals`), makes checkpoint writing crash-safe
   (:mod:`mmeformer.engine.checkpointing`) and mid-epoch resumption exact
   (:mod:`mmeformer.engine.loops`), gives each run its own visualizer and builds the Runner;
   :func:`train` and :func:`test` run it.
@@ -24,26 +24,31 @@ import subprocess
 from typing import Dict, Optional, Union
 
 import torch
-from mmengine.config import Config, ConfigDict
+import torch.distributed as dist
+from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+from mmengine.runner.checkpoint import find_latest_checkpoint
+from mmengine.visualization import Visualizer
 
-from .safe_load import allow_mmengine_checkpoint_globals
+from ..checkpoint.detector import conversion_meta, unconverted_backbone_family
+from ..checkpoint.io import CheckpointError, check_checkpoint_path, read_checkpoint
+from ..checkpoint.safe_globals import allow_mmengine_checkpoint_globals
+from .amp import AMP_DTYPES
+from .config_check import check_model_config
+from .errors import LaunchError
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
-AMP_DTYPES = ('float16', 'bfloat16')
-
-
-class LaunchError(RuntimeError):
-    """A command-line or environment choice that cannot work; the message names the fix."""
 
 
 def add_runner_arguments(parser) -> None:
     """The options tools/train.py and tools/test.py share: --amp / --amp-dtype, --cfg-options,
     --launcher, --local-rank / --local_rank (also exported as LOCAL_RANK, see
     :func:`parse_runner_args`)."""
-    from mmengine.config import DictAction
     parser.add_argument('--amp', action='store_true',
-                        help='mixed precision training: AmpOptimWrapper on a GPU, '
+                        help='mixed precision: AmpOptimWrapper on a GPU, '
                         'mmeformer.CPUAmpOptimWrapper (CPU autocast) without one')
     parser.add_argument('--amp-dtype', choices=AMP_DTYPES, default=None,
                         help='autocast dtype of --amp (default float16; implies --amp)')
@@ -65,7 +70,8 @@ def parse_runner_args(parser, argv=None):
 
 def default_work_dir(config_path: str) -> str:
     """``work_dirs/<path below configs/ without .py>``, e.g.
-    ``configs/detection/toy/maskrcnn_eformer_l1.py`` -> ``work_dirs/detection/toy/maskrcnn_eformer_l1``
+    ``configs/detection/toy/maskrcnn_eformer_l1.py`` ->
+    ``work_dirs/detection/toy/maskrcnn_eformer_l1``
     (so a toy config and its real config never share a work dir)."""
     path = osp.abspath(config_path)
     parts = path.split(os.sep)
@@ -186,7 +192,6 @@ def _slurm_master_addr() -> str:
 
 def _init_cpu_process_group(launcher: str) -> None:
     """Start a gloo process group from the launcher's environment (torchrun or srun)."""
-    import torch.distributed as dist
     if launcher == 'slurm':
         for src, dst in (('SLURM_PROCID', 'RANK'), ('SLURM_NTASKS', 'WORLD_SIZE'),
                          ('SLURM_LOCALID', 'LOCAL_RANK')):
@@ -221,7 +226,6 @@ def prepare_distributed(cfg: Config) -> str:
         dist_cfg.backend = 'nccl'  # mmengine initialises the group itself
         return 'nccl'
     dist_cfg.backend = 'gloo'
-    import torch.distributed as dist
     if not dist.is_initialized():
         _init_cpu_process_group(launcher)
     replaced = _replace_sync_bn(cfg._cfg_dict)
@@ -275,7 +279,6 @@ def restore_resume_seed(cfg: Config) -> Optional[int]:
     randomness = dict(cfg.get('randomness') or {})
     if not cfg.get('resume') or randomness.get('seed') is not None:
         return None
-    from mmengine.runner.checkpoint import find_latest_checkpoint
     path = cfg.get('load_from') or find_latest_checkpoint(cfg.work_dir)
     if not path or not osp.isfile(path):
         return None
@@ -296,7 +299,6 @@ def use_own_visualizer(cfg: Config) -> Optional[str]:
     ``get_instance`` returns an existing instance of that name with its old backends: a second
     run in the same process would write its config and scalars into the first run's work dir,
     and fail once that folder is gone."""
-    from mmengine.visualization import Visualizer
     visualizer = cfg.get('visualizer')
     if not isinstance(visualizer, dict) or not visualizer.get('name'):
         return None  # no name: the Runner names it after the run
@@ -315,7 +317,6 @@ def build_runner(cfg: Config):
     writing atomic and mid-epoch resumption exact (loop, seed), give the run its own
     visualizer, set up distribution and build the Runner (from the task's own registry when
     the config sets ``runner_type``)."""
-    from .config_check import check_model_config
     check_model_config(cfg)
     allow_mmengine_checkpoint_globals()
     use_atomic_checkpoints(cfg)
@@ -324,9 +325,7 @@ def build_runner(cfg: Config):
     use_own_visualizer(cfg)
     prepare_distributed(cfg)
     if 'runner_type' in cfg:
-        from mmengine.registry import RUNNERS
         return RUNNERS.build(cfg)
-    from mmengine.runner import Runner
     return Runner.from_cfg(cfg)
 
 
@@ -340,7 +339,6 @@ def _close_process_group() -> None:
     exit (a 2-process launch on a loaded 2-core machine: 1 abort in 8 launches; with the
     collection here, 0 in 16). Callers drop their runner first.
     Not called when the run raised: other ranks may still be inside a collective."""
-    import torch.distributed as dist
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -348,7 +346,6 @@ def _close_process_group() -> None:
 
 def train(cfg: Config):
     """Train with ``cfg``; returns the trained model (unwrapped from DistributedDataParallel)."""
-    from mmengine.model import is_model_wrapper
     runner = build_runner(cfg)
     model = runner.train()
     model = model.module if is_model_wrapper(model) else model
@@ -361,7 +358,6 @@ def check_checkpoint_bias_mode(cfg: Config, checkpoint: dict, path: str) -> None
     """Refuse to evaluate a converted official dense checkpoint (``checkpoint``, read from
     ``path``) with a backbone in another bias mode (its weights would load with mismatched bias
     tables and give wrong metrics)."""
-    from ..checkpoint.detector import conversion_meta
     meta = conversion_meta(checkpoint)
     if not meta or 'bias_mode' not in meta:
         return
@@ -382,7 +378,6 @@ def check_checkpoint_converted(checkpoint: dict, path: str) -> None:
     """Refuse a released detector / segmentor checkpoint (``checkpoint``, read from ``path``)
     whose backbone was never converted: ``load_from`` loads non-strictly, so its backbone would
     silently stay at random init."""
-    from ..checkpoint.detector import unconverted_backbone_family
     family = unconverted_backbone_family(checkpoint, path)
     if family:
         raise LaunchError(
@@ -395,7 +390,6 @@ def check_checkpoint_converted(checkpoint: dict, path: str) -> None:
 
 def test(cfg: Config, checkpoint: str) -> Dict[str, float]:
     """Evaluate ``checkpoint`` with ``cfg``'s test loop; returns the metrics."""
-    from ..checkpoint.io import CheckpointError, check_checkpoint_path, read_checkpoint
     try:
         check_checkpoint_path(checkpoint)
     except CheckpointError as err:

@@ -11,7 +11,8 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import (BIAS_MODES, RelativeBiasAttention, build_norm, forget_onednn_weights,
+from ..deploy import fuse
+from ..layers import (BIAS_MODES, RelativeBiasAttention, build_norm, forget_packed_weights,
                       is_tracing)
 
 MIN_INPUT_SIZE = 32
@@ -243,7 +244,7 @@ class MobileBackbone(BaseModule):
 
     def _to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last makes the 1x1 convs plain GEMMs and pooling / depthwise convs
-        # vectorise over channels: 20-30% faster on CPU, and what tensor cores want on GPU.
+        # vectorise over channels, on CPU, and it is what tensor cores want on GPU.
         if self.channels_last and not is_tracing():
             return x.contiguous(memory_format=torch.channels_last)
         return x
@@ -317,7 +318,7 @@ class MobileBackbone(BaseModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        forget_onednn_weights(self)  # like the eval caches (see FoldsBatchNorm)
+        forget_packed_weights(self)  # like the eval caches (see FoldsBatchNorm)
         self._freeze_stages()
         if mode and self.norm_eval:
             for module in self.modules():
@@ -363,8 +364,7 @@ class MobileBackbone(BaseModule):
 
     def switch_to_deploy(self, input_size: Optional[Tuple[int, int]] = None):
         """Fold BatchNorms, drop training-only paths, optionally freeze the attention biases of
-        one input size; see :func:`mmeformer.deploy.fuse`. Returns ``self``."""
-        from ...deploy import fuse
+        one input size; see :func:`mmeformer.models.fuse`. Returns ``self``."""
         return fuse(self, input_size)
 
     def arch_description(self) -> str:

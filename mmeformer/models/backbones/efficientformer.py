@@ -1,12 +1,15 @@
 """EfficientFormer (V1) backbone.
 
-Paper: "EfficientFormer: Vision Transformers at MobileNet Speed", Li et al., NeurIPS 2022
-(arXiv:2206.01191). Four stages at strides 4/8/16/32: PoolFormer-style 4D blocks, then
-multi-head self-attention blocks on the tokens of the last stage.
+Paper: "EfficientFormer: Vision Transformers at MobileNet Speed", Yanyu Li et al., NeurIPS 2022,
+arXiv:2206.01191. Four stages at strides 4/8/16/32: PoolFormer-style 4D blocks, then multi-head
+self-attention blocks on the tokens of the last stage.
 
-Parameter names follow timm's layout (``stem``, ``stages.i.downsample``, ``stages.i.blocks.j``,
-``ls1.gamma``) so timm weights load as they are; the original releases are converted by
-:mod:`mmeformer.checkpoint`. Output norms (``out_norms.i``) are those of the dense backbone.
+Released weights: ImageNet-1k classifiers (L1 / L3 / L7) and the dense COCO Mask R-CNN (mmdet
+2.x) and ADE20K Semantic FPN (mmseg 0.x) models of snap-research/EfficientFormer; the latter use
+``bias_mode='official'``. Parameter names follow timm's layout (``stem``,
+``stages.i.downsample``, ``stages.i.blocks.j``, ``ls1.gamma``), so timm weights load as they
+are; the original releases are converted by :mod:`mmeformer.checkpoint`. The output norms
+(``out_norms.i``) are those of the dense backbone.
 """
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -16,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
+from ..archs import EFFICIENTFORMER_ARCHS
 from ..layers import (GELU, FoldsBatchNorm, LayerScale, RelativeBiasAttention,
                       drop_path_or_identity, linear, records_grad, run_blocks, scaled_lerp,
                       scaled_residual, softmax_attention, stochastic_depth_rates)
@@ -77,8 +81,8 @@ def pool3x3(x: torch.Tensor) -> torch.Tensor:
 
     While autograd records on a CUDA channels-last map, the pool runs on a contiguous NCHW copy:
     torch's channels-last CUDA backward of a padded ``avg_pool2d`` returns wrong input gradients
-    without an error (pytorch/pytorch#188344, fixed in July 2026; a device check on an H200 with
-    torch 2.11 found EfficientFormer's gradients 100% off in float32, float16 and bfloat16)."""
+    without an error (pytorch/pytorch#188344; found by tools/device_check.py, see
+    docs/benchmarks.md)."""
     if (x.device.type == 'cuda' and records_grad(x) and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last)):
         pooled = F.avg_pool2d(x.contiguous(), 3, 1, 1, count_include_pad=False)
@@ -187,41 +191,59 @@ class EfficientFormerStage(nn.Module):
 
 @MODELS.register_module()
 class EfficientFormer(MobileBackbone):
-    """EfficientFormer (V1) backbone, arch ``'l1'``, ``'l3'``, ``'l7'`` or a dict.
+    """EfficientFormer (V1) backbone: four levels at strides 4, 8, 16 and 32.
 
     Args:
-        arch: name or dict with ``depths``, ``widths``, ``num_vit`` (attention blocks at the
-            end of the last stage).
-        in_channels: image channels.
-        bias_mode: ``'table'`` (geometrically resized ImageNet 7x7 table; default) or
-            ``'official'`` (the snap-research dense backbone: ``*_seg`` tables of a reference
-            grid of ``ceil(bias_img_size / 32)`` and a bicubic resize of the bias matrix).
-        bias_img_size: reference image size of ``'official'`` mode: 800 for the released COCO
-            weights, 512 for the ADE20K ones.
-        out_indices: stages whose outputs are returned (strides 4, 8, 16, 32).
-        frozen_stages: -1 none, 0 the stem, k the stem and the first k stages.
-        norm_eval: keep BatchNorm layers in eval mode while training.
-        drop_path_rate: stochastic depth, increasing linearly over the blocks.
-        with_cp: gradient checkpointing per block.
-        out_norm_cfg: norm applied to each returned level; the dense release uses
-            ``dict(type='GN', num_groups=1)``.
-        init_cfg: e.g. ``dict(type='Pretrained', checkpoint=PATH, prefix=None)``.
-        check_finite: raise a ``ValueError`` on a NaN / Inf input (naming the batch samples)
-            and on a non-finite output level; costs a device sync per forward. Off by default.
-        channels_last: compute in channels-last memory layout (the returned levels are made
-            contiguous NCHW again): faster on CPU and for tensor cores; numerically the same.
-        cache_biases: in inference, keep each attention module's bias for the recent input
-            sizes (the newest always, older ones within 32 MiB per module) instead of computing
-            it in every forward: faster (V1 / V2 at 800x1344: one gather, or with
-            ``bias_mode='official'`` one resize, less per module and forward), at the cost of
-            the memory they hold (V2-S0 at 800x1344: 269 MiB). Training never caches.
+        arch (str | dict): ``'l1'``, ``'l3'``, ``'l7'`` (see
+            :data:`mmeformer.models.archs.EFFICIENTFORMER_ARCHS`) or a dict with ``depths``,
+            ``widths`` and ``num_vit`` (attention blocks at the end of the last stage).
+            Defaults to ``'l1'``.
+        in_channels (int): Image channels. Defaults to 3.
+        bias_mode (str): ``'table'`` resizes the 7x7 ImageNet bias table to the actual token
+            grid (geometrically correct at every size); ``'official'`` reproduces the
+            snap-research dense backbone (``*_seg`` tables of a reference grid of
+            ``ceil(bias_img_size / 32)``, the bias *matrix* resized bicubically), needed only for
+            the released COCO / ADE20K weights. Defaults to ``'table'``.
+        bias_img_size (int, optional): Reference image size of ``'official'`` mode: 800 for the
+            released COCO weights, 512 for the ADE20K ones. Defaults to None.
+        out_indices (Sequence[int]): Levels to return (0..3, negative from the end).
+            Defaults to ``(0, 1, 2, 3)``.
+        frozen_stages (int): -1 freezes nothing, 0 the stem, k the stem and the first k
+            stages (eval mode, no gradients). Defaults to -1.
+        norm_eval (bool): Keep every BatchNorm in eval mode while training. Defaults to False.
+        drop_path_rate (float): Stochastic depth, increasing linearly over the blocks.
+            Defaults to 0.
+        layer_scale_init_value (float): Initial layer scales. Defaults to 1e-5.
+        with_cp (bool): Activation checkpointing per block. Defaults to False.
+        out_norm_cfg (dict, optional): Norm of each returned level; the dense release uses
+            ``dict(type='GN', num_groups=1)`` (the default), None for none.
+        init_cfg (dict | list, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH)``;
+            any supported checkpoint layout is converted and loaded strictly.
+            Defaults to None.
+        check_finite (bool): Raise a ``ValueError`` on a NaN / Inf input (naming the batch
+            samples) and on a non-finite output level; costs a device sync per forward.
+            Defaults to False.
+        channels_last (bool): Compute in channels-last memory layout (the returned levels are
+            contiguous NCHW): faster on CPU and for tensor cores, numerically the same.
+            Defaults to True.
+        cache_biases (bool): In inference, keep each attention module's bias for the recent
+            input sizes (the newest always, older ones within 32 MiB per module) instead of
+            computing it in every forward: faster, at the cost of the memory they hold.
+            Training never caches. Defaults to True.
+
+    Example:
+        >>> import torch
+        >>> from mmeformer.models import EfficientFormer
+        >>> model = EfficientFormer('l1').eval()
+        >>> for level in model(torch.rand(1, 3, 224, 224)):
+        ...     print(tuple(level.shape))
+        (1, 48, 56, 56)
+        (1, 96, 28, 28)
+        (1, 224, 14, 14)
+        (1, 448, 7, 7)
     """
     family = 'EfficientFormer'
-    arch_settings = {
-        'l1': dict(depths=[3, 2, 6, 4], widths=[48, 96, 224, 448], num_vit=1),
-        'l3': dict(depths=[4, 4, 12, 6], widths=[64, 128, 320, 512], num_vit=4),
-        'l7': dict(depths=[6, 6, 18, 8], widths=[96, 192, 384, 768], num_vit=8),
-    }
+    arch_settings = EFFICIENTFORMER_ARCHS
     num_heads, key_dim, attn_ratio, mlp_ratio, table_size = 8, 32, 4, 4, 7
     stem_divisor = 2
 

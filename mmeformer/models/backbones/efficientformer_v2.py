@@ -1,10 +1,12 @@
 """EfficientFormerV2 backbone.
 
-Paper: "Rethinking Vision Transformers for MobileNet Size and Speed", Li et al., ICCV 2023
-(arXiv:2212.08059). Four stages at strides 4/8/16/32 of conv FFN blocks; the last blocks of
+Paper: "Rethinking Vision Transformers for MobileNet Size and Speed", Yanyu Li et al., ICCV 2023,
+arXiv:2212.08059. Four stages at strides 4/8/16/32 of conv FFN blocks; the last blocks of
 stages 3 and 4 add 4D multi-head attention with talking heads (stage 3 attends at 1/32 through a
 strided depthwise conv and upsamples back), and the 3->4 downsampling adds an attention path.
 
+Released weights: ImageNet-1k classifiers (S0 / S1 / S2 / L) and the dense COCO Mask R-CNN and
+ADE20K Semantic FPN models of snap-research/EfficientFormer (``bias_mode='official'``).
 Parameter names follow timm's layout (``stem.conv1.conv``, ``stages.i.blocks.j.token_mixer``,
 ``stages.3.downsample.attn``) so timm weights load as they are; the original releases are
 converted by :mod:`mmeformer.checkpoint`.
@@ -18,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
+from ..archs import EFFICIENTFORMERV2_ARCHS
 from ..layers import (GELU, ConvActSequential, ConvNorm, LayerScale, RelativeBiasAttention,
-                      Stage, drop_path_or_identity, query_chunks, query_rows, scaled_residual,
-                      softmax_attention, stochastic_depth_rates)
+                      Stage, drop_path_or_identity, fast_paths_enabled, query_chunks, query_rows,
+                      scaled_residual, softmax_attention, stochastic_depth_rates)
 from .base import MobileBackbone
 
 
@@ -94,14 +97,14 @@ class Attention4D(RelativeBiasAttention):
         if self.stride_conv is not None:
             x = self.stride_conv(x)
         h, w = x.shape[-2:]
-        # Contiguous per-head operands: bmm on strided head views is 2-3x slower (see
-        # softmax_attention).
+        # Contiguous per-head operands: bmm on strided head views is slower than the copies
+        # (see softmax_attention).
         q = _heads_first(self.q(x), self.num_heads).contiguous()
         k = _heads_first(self.k(x), self.num_heads).contiguous()
         v = self.v(x)
         v_local = self.v_local(v)
         v = _heads_first(v, self.num_heads).contiguous()
-        folded = self.bias_is_constant()
+        folded = self.bias_is_constant() and fast_paths_enabled()
         if folded:  # eval: talking head 1 and the scale already applied to the cached bias
             bias, w1 = self.attention_bias((h, w), (h, w)), self.talking_head1.weight * self.scale
         else:  # training: one saved (B, heads, N, N) map for talking head 1's gradient
@@ -217,31 +220,49 @@ class EfficientFormerV2Block(nn.Module):
 
 @MODELS.register_module()
 class EfficientFormerV2(MobileBackbone):
-    """EfficientFormerV2 backbone, arch ``'s0'``, ``'s1'``, ``'s2'``, ``'l'`` or a dict.
+    """EfficientFormerV2 backbone: four levels at strides 4, 8, 16 and 32.
 
     Args:
-        arch: name or dict with ``depths``, ``widths``, ``num_vit`` (attention blocks at the end
-            of stages 3 and 4) and ``mlp_ratios`` (one list per stage, one ratio per block).
-        bias_mode: ``'table'`` (default) or ``'official'`` (snap-research dense backbone, with
-            reference grids derived from ``bias_img_size``: 800 for COCO, 512 for ADE20K).
-        Other arguments (``check_finite``, ``channels_last``, ``cache_biases`` included) as
-        :class:`~mmeformer.models.EfficientFormer`.
+        arch (str | dict): ``'s0'``, ``'s1'``, ``'s2'``, ``'l'`` (see
+            :data:`mmeformer.models.archs.EFFICIENTFORMERV2_ARCHS`) or a dict with ``depths``,
+            ``widths``, ``num_vit`` (attention blocks at the end of stages 3 and 4) and
+            ``mlp_ratios`` (one list per stage, one ratio per block). Defaults to ``'s0'``.
+        in_channels (int): Image channels. Defaults to 3.
+        bias_mode (str): ``'table'`` or ``'official'`` (the snap-research dense backbone, with
+            reference grids derived from ``bias_img_size``), as in
+            :class:`~mmeformer.models.EfficientFormer`. Defaults to ``'table'``.
+        bias_img_size (int, optional): 800 for the released COCO weights, 512 for the ADE20K
+            ones (``'official'`` mode only). Defaults to None.
+        out_indices (Sequence[int]): Levels to return (0..3). Defaults to ``(0, 1, 2, 3)``.
+        frozen_stages (int): -1 none, 0 the stem, k the stem and the first k stages.
+            Defaults to -1.
+        norm_eval (bool): Keep every BatchNorm in eval mode while training. Defaults to False.
+        drop_path_rate (float): Stochastic depth, increasing linearly over the blocks.
+            Defaults to 0.
+        layer_scale_init_value (float): Initial layer scales. Defaults to 1e-5.
+        with_cp (bool): Activation checkpointing per block. Defaults to False.
+        out_norm_cfg (dict, optional): Norm of each returned level (the release has none).
+            Defaults to None.
+        init_cfg (dict | list, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH)``.
+            Defaults to None.
+        check_finite (bool): See :class:`~mmeformer.models.EfficientFormer`. Defaults to False.
+        channels_last (bool): See :class:`~mmeformer.models.EfficientFormer`. Defaults to True.
+        cache_biases (bool): See :class:`~mmeformer.models.EfficientFormer`. Defaults to True.
+
+    Example:
+        >>> import torch
+        >>> from mmeformer.models import EfficientFormerV2
+        >>> model = EfficientFormerV2('s0').eval()
+        >>> for level in model(torch.rand(1, 3, 224, 224)):
+        ...     print(tuple(level.shape))
+        (1, 32, 56, 56)
+        (1, 48, 28, 28)
+        (1, 96, 14, 14)
+        (1, 176, 7, 7)
     """
     family = 'EfficientFormerV2'
     stem_divisor = 2
-    arch_settings = {
-        's0': dict(depths=[2, 2, 6, 4], widths=[32, 48, 96, 176], num_vit=2,
-                   mlp_ratios=[[4] * 2, [4] * 2, [4, 3, 3, 3, 4, 4], [4, 3, 3, 4]]),
-        's1': dict(depths=[3, 3, 9, 6], widths=[32, 48, 120, 224], num_vit=2,
-                   mlp_ratios=[[4] * 3, [4] * 3, [4, 4, 3, 3, 3, 3, 4, 4, 4],
-                               [4, 4, 3, 3, 4, 4]]),
-        's2': dict(depths=[4, 4, 12, 8], widths=[32, 64, 144, 288], num_vit=4,
-                   mlp_ratios=[[4] * 4, [4] * 4, [4, 4] + [3] * 6 + [4] * 4,
-                               [4, 4, 3, 3, 3, 3, 4, 4]]),
-        'l': dict(depths=[5, 5, 15, 10], widths=[40, 80, 192, 384], num_vit=6,
-                  mlp_ratios=[[4] * 5, [4] * 5, [4] * 4 + [3] * 7 + [4] * 4,
-                              [4, 4, 4, 3, 3, 3, 3, 4, 4, 4]]),
-    }
+    arch_settings = EFFICIENTFORMERV2_ARCHS
 
     def __init__(self,
                  arch: Union[str, dict] = 's0',

@@ -1,7 +1,10 @@
 """EfficientViT backbone (Microsoft, cascaded group attention; arch m0 - m5).
 
 Paper: "EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention",
-Liu et al., CVPR 2023 (arXiv:2305.07027). Not MIT-HAN's EfficientViT (B/L series).
+Xinyu Liu et al., CVPR 2023, arXiv:2305.07027. Not MIT-HAN's EfficientViT (B/L series).
+
+Released weights: ImageNet-1k classifiers M0-M5 and the COCO Mask R-CNN and RetinaNet models with
+EfficientViT-M4 (mmdet 2.x) of microsoft/Cream.
 
 Three stages at strides 16/32/64 of "sandwich" blocks (dw conv, FFN, local window cascaded
 group attention, dw conv, FFN). Follows the official downstream semantics: 7x7 windows in every
@@ -21,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...registry import MODELS
+from ..archs import EFFICIENTVIT_ARCHS
 from ..layers import (ConvActSequential, ConvNorm, RelativeBiasAttention, Stage,
                       drop_path_or_identity, is_tracing, stochastic_depth_rates)
 from .base import MobileBackbone
@@ -70,8 +74,8 @@ class CascadedGroupAttention(RelativeBiasAttention):
 
     Works on window tokens (windows, ws * ws, C): q, k and v are column slices of one GEMM's
     output that the batched matmuls read in place, and a head's output is the next head's input
-    without a layout change; the convs run on channels-last views of the tokens. (On NCHW
-    windows, with per-head layout copies, M4's last-stage attention took 1.4x as long.)
+    without a layout change; the convs run on channels-last views of the tokens (NCHW windows
+    would need a layout copy per head).
     """
 
     def __init__(self, dim: int, num_heads: int, key_dim: int, window_size: int,
@@ -196,32 +200,44 @@ class EfficientViTDownsample(nn.Module):
 
 @MODELS.register_module()
 class EfficientViT(MobileBackbone):
-    """EfficientViT (cascaded group attention) backbone, arch ``'m0'`` ... ``'m5'`` or a dict.
+    """EfficientViT (Microsoft, cascaded group attention) backbone: three levels at strides
+    16, 32 and 64.
 
     Args:
-        arch: name or dict with ``widths``, ``depths``, ``num_heads`` (per stage) and
-            ``kernels`` (q depthwise kernel per head index).
-        window_size: attention window (7 in every stage, the downstream setting).
-        out_indices: stages returned, strides 16, 32, 64.
-        Other arguments (``check_finite``, ``channels_last``, ``cache_biases`` included) as
-        :class:`~mmeformer.models.EfficientFormer`;
-        ``out_norm_cfg`` defaults to None.
+        arch (str | dict): ``'m0'`` ... ``'m5'`` (see
+            :data:`mmeformer.models.archs.EFFICIENTVIT_ARCHS`) or a dict with ``widths``,
+            ``depths``, ``num_heads`` (per stage) and ``kernels`` (q depthwise kernel per head
+            index). Defaults to ``'m4'``.
+        in_channels (int): Image channels. Defaults to 3.
+        window_size (int): Attention window, in every stage (the downstream setting).
+            Defaults to 7.
+        out_indices (Sequence[int]): Levels to return (0..2). Defaults to ``(0, 1, 2)``.
+        frozen_stages (int): -1 none, 0 the patch embedding, k it and the first k stages.
+            Defaults to -1.
+        norm_eval (bool): Keep every BatchNorm in eval mode while training (Cream's
+            detectors do). Defaults to False.
+        drop_path_rate (float): Stochastic depth, increasing linearly over the blocks.
+            Defaults to 0.
+        with_cp (bool): Activation checkpointing per block. Defaults to False.
+        out_norm_cfg (dict, optional): Norm of each returned level. Defaults to None.
+        init_cfg (dict | list, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH)``.
+            Defaults to None.
+        check_finite (bool): See :class:`~mmeformer.models.EfficientFormer`. Defaults to False.
+        channels_last (bool): See :class:`~mmeformer.models.EfficientFormer`. Defaults to True.
+        cache_biases (bool): See :class:`~mmeformer.models.EfficientFormer`. Defaults to True.
+
+    Example:
+        >>> import torch
+        >>> from mmeformer.models import EfficientViT
+        >>> model = EfficientViT('m4').eval()
+        >>> for level in model(torch.rand(1, 3, 224, 224)):
+        ...     print(tuple(level.shape))
+        (1, 128, 14, 14)
+        (1, 256, 7, 7)
+        (1, 384, 4, 4)
     """
     family = 'EfficientViT'
-    arch_settings = {
-        'm0': dict(widths=[64, 128, 192], depths=[1, 2, 3], num_heads=[4, 4, 4],
-                   kernels=[5, 5, 5, 5]),
-        'm1': dict(widths=[128, 144, 192], depths=[1, 2, 3], num_heads=[2, 3, 3],
-                   kernels=[7, 5, 3, 3]),
-        'm2': dict(widths=[128, 192, 224], depths=[1, 2, 3], num_heads=[4, 3, 2],
-                   kernels=[7, 5, 3, 3]),
-        'm3': dict(widths=[128, 240, 320], depths=[1, 2, 3], num_heads=[4, 3, 4],
-                   kernels=[5, 5, 5, 5]),
-        'm4': dict(widths=[128, 256, 384], depths=[1, 2, 3], num_heads=[4, 4, 4],
-                   kernels=[7, 5, 3, 3]),
-        'm5': dict(widths=[192, 288, 384], depths=[1, 3, 4], num_heads=[3, 3, 4],
-                   kernels=[7, 5, 3, 3]),
-    }
+    arch_settings = EFFICIENTVIT_ARCHS
     key_dim, mlp_ratio = 16, 2
     stem_divisor = 8
 

@@ -1,13 +1,14 @@
 """EfficientViTFPN: the FPN of the official EfficientViT (cascaded group attention) detectors.
 
 Paper: "EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention",
-Liu et al., CVPR 2023 (arXiv:2305.07027).
+Xinyu Liu et al., CVPR 2023, arXiv:2305.07027; the neck of microsoft/Cream's COCO detectors.
 
 A standard FPN over the backbone's strides 16/32/64 plus ``num_extra_trans_convs`` chained 2x2
 stride-2 transposed convs starting from lateral 0, each followed by a 3x3 conv, which create the
 finer levels (stride 8, then 4). Mask R-CNN: 2 extra -> strides 4..64; RetinaNet: 1 extra plus
 ``add_extra_convs='on_input'`` -> strides 8..128. Outputs are ordered fine to coarse. Parameter
-names are those of the released checkpoints (``lateral_convs.i.conv``, ``extra_trans_convs.i.conv``).
+names are those of the released checkpoints (``lateral_convs.i.conv``,
+``extra_trans_convs.i.conv``).
 """
 from typing import List, Sequence, Union
 
@@ -35,15 +36,35 @@ class EfficientViTFPN(BaseModule):
     """FPN with extra transposed-conv levels for EfficientViT.
 
     Args:
-        in_channels: channels of each backbone level.
-        out_channels: channels of every output level.
-        num_outs: number of outputs, transposed-conv levels included.
-        num_extra_trans_convs: finer levels made by transposed convs from lateral 0.
-        start_level, end_level: backbone levels used (``end_level=-1``: up to the last).
-        add_extra_convs: False (max-pool extra coarse levels) or ``'on_input'``,
-            ``'on_lateral'``, ``'on_output'`` (stride-2 3x3 convs).
-        relu_before_extra_convs: ReLU before the second and later extra convs.
-        upsample_cfg: ``F.interpolate`` arguments of the top-down path.
+        in_channels (Sequence[int]): Channels of each backbone level.
+        out_channels (int): Channels of every output level.
+        num_outs (int): Number of outputs, transposed-conv levels included.
+        num_extra_trans_convs (int): Finer levels made by chained transposed convs from
+            lateral 0; the i-th 3x3 conv of ``extra_fpn_convs`` refines the i-th finest of
+            them, as in the release. Defaults to 0.
+        start_level (int): First backbone level used. Defaults to 0.
+        end_level (int): Backbone level after the last one used; -1 for all. Defaults to -1.
+        add_extra_convs (bool | str): False max-pools the extra coarse levels; ``'on_input'``
+            (or True), ``'on_lateral'``, ``'on_output'`` make them with stride-2 3x3 convs on
+            that source. Defaults to False.
+        relu_before_extra_convs (bool): ReLU before the second and later extra convs.
+            Defaults to False.
+        upsample_cfg (dict): ``F.interpolate`` arguments of the top-down path.
+            Defaults to ``dict(mode='nearest')``.
+        init_cfg (dict, optional): mmengine initialisation config. Defaults to None.
+
+    Example:
+        >>> import torch
+        >>> from mmeformer.models import EfficientViTFPN
+        >>> neck = EfficientViTFPN([128, 256, 384], 256, num_outs=5, num_extra_trans_convs=2)
+        >>> levels = [torch.rand(1, c, 64 // s, 64 // s) for c, s in ((128, 1), (256, 2), (384, 4))]
+        >>> for out in neck(levels):
+        ...     print(tuple(out.shape))
+        (1, 256, 256, 256)
+        (1, 256, 128, 128)
+        (1, 256, 64, 64)
+        (1, 256, 32, 32)
+        (1, 256, 16, 16)
     """
 
     def __init__(self,

@@ -1,5 +1,4 @@
-"""Deploy-time transformation of the EfficientFormer / EfficientFormerV2 / EfficientViT backbones
-(papers: arXiv:2206.01191, arXiv:2212.08059, arXiv:2305.07027).
+"""Deploy-time transformation of the EfficientFormer / EfficientFormerV2 / EfficientViT backbones.
 
 :func:`fuse` folds every BatchNorm that directly follows a conv or linear layer into it, replaces
 training-only paths (stochastic depth, gradient checkpointing) and, when given an input size,
@@ -12,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .models.layers import DropPath, RelativeBiasAttention, folded_conv_bn
+from .layers import DropPath, RelativeBiasAttention, folded_conv_bn
 
 
 @torch.no_grad()

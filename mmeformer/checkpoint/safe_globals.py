@@ -13,6 +13,7 @@ from typing import List, Tuple, Union
 
 import numpy as np
 import torch
+from mmengine.logging.history_buffer import HistoryBuffer
 
 
 def history_buffer_method(owner, name: str):
@@ -20,7 +21,6 @@ def history_buffer_method(owner, name: str):
     statistics functions (``HistoryBuffer.min`` ...) in a dict, which pickle stores as
     ``getattr(HistoryBuffer, 'min')``. Only that lookup is allowed; any other ``getattr`` in a
     checkpoint is refused."""
-    from mmengine.logging.history_buffer import HistoryBuffer
     if owner is HistoryBuffer and isinstance(name, str) and (
             name in HistoryBuffer._statistics_methods or name in HISTORY_BUFFER_STATISTICS):
         return getattr(HistoryBuffer, name)
@@ -37,7 +37,6 @@ def mmengine_checkpoint_globals() -> List[Union[object, Tuple[object, str]]]:
     (``torch.serialization.get_unsafe_globals_in_checkpoint`` on a training checkpoint lists
     them): ``HistoryBuffer``, numpy arrays and scalars, and ``getattr`` (replaced by the
     restricted :func:`history_buffer_method`)."""
-    from mmengine.logging.history_buffer import HistoryBuffer
     core = getattr(np, '_core', None) or np.core  # numpy 2 / numpy 1
     multiarray = core.multiarray
     allowed = [HistoryBuffer, np.ndarray, np.dtype,

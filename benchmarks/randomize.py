@@ -1,6 +1,5 @@
 """Numerical-check helpers for the EfficientFormer / EfficientFormerV2 / EfficientViT backbones
-(papers: arXiv:2206.01191, arXiv:2212.08059, arXiv:2305.07027), shared by the test suite and
-:mod:`mmeformer.device_check`.
+shared by the test suite and :mod:`benchmarks.device_check`.
 
 Freshly initialised backbones are poor test subjects: zero-initialised residual BN scales and
 bias tables switch whole branches off, so a wrong branch would still match. :func:`randomize_`

@@ -10,9 +10,10 @@ Papers: EfficientFormer, "Vision Transformers at MobileNet Speed", Li et al., Ne
 (arXiv:2206.01191); EfficientFormerV2, "Rethinking Vision Transformers for MobileNet Size and
 Speed", Li et al., ICCV 2023 (arXiv:2212.08059).
 
-It was written from the specification in ``shared/design/BACKBONES.md`` (sections 1-3) and the
-key tables of the released dense checkpoints, not from the snap-research code. What it keeps from
-the official dense backbones on purpose:
+It was written from a written specification of the official dense backbones (the facts in
+docs/checkpoints.md: module layout, bias recipe, reference grids) and the key tables of the
+released dense checkpoints (tests/fixtures/checkpoints), not from the snap-research code. What it
+keeps from the official dense backbones on purpose:
 
 * module names: ``model.state_dict()`` has exactly the keys, shapes and dtypes of the
   ``backbone.*`` part of the released COCO (``bias_img_size=800``) / ADE20K (512) checkpoints,
@@ -28,7 +29,7 @@ the official dense backbones on purpose:
 * V2: stage-3 attention through a stride-2 depthwise conv, ``nn.Upsample(scale_factor=2,
   mode='bilinear')`` before its projection; 3->4 downsampling = conv path + attention path.
 
-Conventions of the released weights that BACKBONES.md does not spell out: V1's ``qkv`` output is
+Conventions of the released weights that docs/checkpoints.md does not spell out: V1's ``qkv`` output is
 laid out per head as [q | k | v] (``reshape(B, N, heads, -1)`` then split); V2's q / k / v
 channels are grouped head-major (``reshape(B, heads, -1, N)``); ``v_local`` is added to the
 attention output at the attention's own resolution, i.e. before the x2 upsampling.

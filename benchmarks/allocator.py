@@ -65,7 +65,7 @@ def release_freed_memory() -> bool:
 def allocator_description() -> str:
     """One line for benchmark reports."""
     if _state['kept']:
-        return 'glibc malloc, freed memory kept (mmeformer.allocator.keep_freed_memory)'
+        return 'glibc malloc, freed memory kept (benchmarks.allocator.keep_freed_memory)'
     tuned = sorted(k for k in os.environ if k.startswith('MALLOC_') and k.endswith('_'))
     if tuned:
         return 'C library malloc, tuned through ' + ', '.join(tuned)

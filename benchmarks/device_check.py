@@ -6,7 +6,7 @@ The test suite checks the CPU float32 models against independent implementations
 official re-implementation). A GPU runs other code: the plain PyTorch ops where CPU inference
 uses oneDNN kernels, ``F.interpolate`` instead of the banded bicubic resize, chunks of all heads
 instead of one head at a time (see :mod:`mmeformer.models.layers`), other kernels, and half
-precision. This module runs both on the same randomized weights (:func:`mmeformer.testing.
+precision. This module runs both on the same randomized weights (:func:`benchmarks.randomize.
 randomize_`) and inputs and reports the relative difference of each output:
 
 * inference, twice: the second forward reads the fold and attention-bias caches the first one
@@ -25,9 +25,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .deploy import fuse
-from .export import build_model, official_bias_img_size, relative_errors
-from .testing import randomize_
+from mmeformer.builder import build_model
+from mmeformer.export import relative_errors
+from mmeformer.models import fuse
+
+from .randomize import randomize_
+from .references import official_bias_img_size
 
 # Largest accepted relative difference of an inference output (max |diff| / max |reference|),
 # by dtype. float32 differs from CPU by summation order only (TF32 is switched off during the

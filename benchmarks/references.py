@@ -1,0 +1,101 @@
+"""What ``--compare`` times beside mmeformer: timm's models and the re-implementation of the
+official dense code, and the candidates (mmeformer's runtimes plus those references) of one
+variant and input size."""
+import copy
+import os
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+
+from mmeformer.builder import build_model
+from mmeformer.export import export_onnx
+from mmeformer.models import fuse
+
+from .official_reference import build_official_reference
+
+RUNTIMES = ('eager', 'fused', 'compile', 'onnxruntime')
+
+
+def official_bias_img_size(size: Tuple[int, int]) -> int:
+    """``bias_img_size`` of the released dense weights for inputs of ``size``: 800 (COCO) at
+    detection sizes, 512 (ADE20K) below."""
+    return 800 if max(size) >= 640 else 512
+
+
+class TimmFeatures(torch.nn.Module):
+    """A timm model returning its multi-scale features (``forward_intermediates``), as a module
+    so that it moves with ``.to()`` like the others."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_intermediates(x, intermediates_only=True)
+
+
+def timm_model(variant: str) -> TimmFeatures:
+    import timm  # an extra: only --compare needs it
+    kwargs = dict(num_classes=0)
+    if variant.startswith('efficientvit_'):
+        kwargs['img_size'] = 512  # 7x7 windows everywhere: the downstream semantics
+    return TimmFeatures(timm.create_model(variant, **kwargs)).eval()
+
+
+def reference_builders(variant: str, base: torch.nn.Module,
+                       size: Tuple[int, int]) -> List[Tuple[str, str, str, Callable]]:
+    """(implementation, runtime, note, build) of the references that ``--compare`` sets beside
+    ``base`` (the mmeformer model of ``variant``) at ``size``; ``build()`` makes the model."""
+    items = []
+    # timm's EfficientFormer V1/V2 run only at 224 x 224.
+    if variant.startswith('efficientvit_') or size == (224, 224):
+        items.append(('timm', 'eager', 'img_size=512' if variant.startswith('efficientvit_')
+                      else '', lambda: timm_model(variant)))
+    if not variant.startswith('efficientvit_') and size != (224, 224):
+        bias_img_size = official_bias_img_size(size)
+        items.append(('mmeformer official-bias', 'eager',
+                      f"bias_mode='official', bias_img_size={bias_img_size}",
+                      lambda: build_model(variant, bias_mode='official',
+                                          bias_img_size=bias_img_size)))
+        items.append(('official (re-implemented)', 'eager',
+                      'benchmarks/official_reference.py: bias gathered + resized every forward',
+                      lambda: build_official_reference(base.family, base.arch['name'],
+                                                       bias_img_size).eval()))
+    return items
+
+
+def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
+               runtimes: Sequence[str], compare: bool,
+               workdir: str) -> List[Tuple[str, str, Callable, str]]:
+    """(implementation, runtime, callable taking x, note) to time for one variant and size;
+    ``base`` is the eager model (the other runtimes work on copies)."""
+    items = []
+    for runtime in runtimes:
+        if runtime == 'eager':
+            items.append(('mmeformer', 'eager', base, ''))
+        elif runtime == 'fused':
+            items.append(('mmeformer', 'fused', fuse(copy.deepcopy(base)), ''))
+        elif runtime == 'compile':
+            compiled = torch.compile(fuse(copy.deepcopy(base)), dynamic=False)
+            items.append(('mmeformer', 'compile', compiled, 'torch.compile (inductor)'))
+        elif runtime == 'onnxruntime':
+            import onnxruntime as ort  # an extra: only this runtime needs it
+            path = os.path.join(workdir, f'{variant}_{size[0]}x{size[1]}.onnx')
+            # export_onnx freezes the attention biases of the size itself.
+            export_onnx(fuse(copy.deepcopy(base)), path, size, dynamic=False)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            # ONNX Runtime's idle threads spin by default; timed in rounds with the other
+            # candidates, they took the cores from the next one (eager measured 2x slower).
+            options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+            session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+            items.append(('mmeformer', 'onnxruntime',
+                          lambda x, s=session: s.run(None, {'image': x.cpu().numpy()}),
+                          'static-size fused export'))
+        else:
+            raise ValueError(f'unknown runtime {runtime!r}; choose from {RUNTIMES}')
+    if compare:
+        items += [(implementation, runtime, build(), note)
+                  for implementation, runtime, note, build in reference_builders(variant, base,
+                                                                                  size)]
+    return items
