@@ -54,6 +54,9 @@ import torch.nn.functional as F
 __all__ = ['build_official_reference', 'first_appearance_bias_index', 'OfficialEfficientFormer',
            'OfficialEfficientFormerV2']
 
+# Its own arch tables, not mmeformer.models.archs: a parity reference that read mmeformer's
+# tables would share any error in them (tests/test_official_reference.py checks these against
+# the key tables of the released files).
 V1_ARCHS = {
     'l1': dict(depths=[3, 2, 6, 4], widths=[48, 96, 224, 448], num_vit=1),
     'l3': dict(depths=[4, 4, 12, 6], widths=[64, 128, 320, 512], num_vit=4),

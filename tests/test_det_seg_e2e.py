@@ -195,6 +195,7 @@ def test_dist_train_two_cpu_processes_then_test(toy_root, tmp_path):
     metrics = []
     for run in (test_run, dist_run):
         assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+        assert run.stdout.count('metrics: {') == 1, run.stdout[-2000:]  # rank 0 alone prints
         assert re.search(r'^mIoU: [0-9.]+$', run.stdout, re.M), run.stdout[-2000:]
         last = run.stdout.splitlines()[-1]
         assert last.startswith('metrics: {')

@@ -12,9 +12,8 @@ ADE20K; the tool says so when it is missing).
 """
 import argparse
 import json
+import os
 import sys
-
-from mmengine.dist import get_rank
 
 from mmeformer.checkpoint import CheckpointError
 from mmeformer.engine import (LaunchError, add_runner_arguments, load_config,
@@ -40,7 +39,9 @@ def main(argv=None):
     except (LaunchError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    if get_rank() == 0:
+    # The launcher's rank: test() has closed the process group by now, after which every
+    # process would call itself rank 0 and print the metrics too.
+    if int(os.environ.get('RANK', '0')) == 0:
         for key, value in metrics.items():
             print(f'{key}: {value}')
         print('metrics: ' + json.dumps(metrics, default=float))
