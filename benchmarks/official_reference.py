@@ -29,8 +29,8 @@ keeps from the official dense backbones on purpose:
 * V2: stage-3 attention through a stride-2 depthwise conv, ``nn.Upsample(scale_factor=2,
   mode='bilinear')`` before its projection; 3->4 downsampling = conv path + attention path.
 
-Conventions of the released weights that docs/checkpoints.md does not spell out: V1's ``qkv`` output is
-laid out per head as [q | k | v] (``reshape(B, N, heads, -1)`` then split); V2's q / k / v
+Conventions of the released weights that docs/checkpoints.md does not spell out: V1's ``qkv``
+output is laid out per head as [q | k | v] (``reshape(B, N, heads, -1)`` then split); V2's q / k / v
 channels are grouped head-major (``reshape(B, heads, -1, N)``); ``v_local`` is added to the
 attention output at the attention's own resolution, i.e. before the x2 upsampling.
 

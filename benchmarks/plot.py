@@ -1,12 +1,18 @@
 """The latency figure of a report, drawn as the papers draw theirs: published accuracy against
 measured latency, one labelled line per family (the reference implementations as their own
 series where the report timed them), and latency against MACs with every point labelled."""
+import math
 from typing import Dict, List, Sequence
 
 from mmeformer.models.archs import split_variant
 
 from .published import COCO_BOX_AP, IMAGENET_TOP1
 
+ACCURACY_PANELS = (
+    (IMAGENET_TOP1, (224, 224), 'ImageNet top-1 against latency',
+     'ImageNet-1k top-1 % (published)'),
+    (COCO_BOX_AP, (800, 1344), 'COCO box AP against latency', 'Mask R-CNN 1x box AP (published)'),
+)
 FAMILY_STYLE = {'EfficientFormer': ('tab:blue', 'o'), 'EfficientFormerV2': ('tab:orange', 's'),
                 'EfficientViT': ('tab:green', '^')}
 SIZE_MARKERS = ['o', 's', '^', 'D', 'v', 'P']
@@ -21,11 +27,12 @@ def _arch(variant: str) -> str:
 
 
 def _log_axis(axis, values: Sequence[float]) -> None:
-    """A log axis with a few plain-number ticks (1, 2, 5 per decade, fewer over wide ranges)
-    instead of overlapping powers of ten."""
+    """A log axis with plain-number ticks, about five of them whatever the range, instead of
+    overlapping powers of ten."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-    low, high = min(values), max(values)
-    subs = (1.0, 2.0, 5.0) if high / max(low, 1e-9) < 300 else (1.0, )
+    decades = math.log10(max(values) / max(min(values), 1e-9))
+    subs = ((1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0) if decades < 1.2 else
+            (1.0, 2.0, 3.0, 5.0) if decades < 2.5 else (1.0, 2.0, 5.0) if decades < 5 else (1.0, ))
     axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
     axis.set_minor_formatter(NullFormatter())
@@ -107,12 +114,14 @@ def plot(report, path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     rows = report.measurements
-    fig, (top1, box, macs) = plt.subplots(1, 3, figsize=(18, 5.6))
-    _accuracy_panel(top1, rows, IMAGENET_TOP1, (224, 224), 'ImageNet top-1 against latency',
-                    'ImageNet-1k top-1 % (published)')
-    _accuracy_panel(box, rows, COCO_BOX_AP, (800, 1344), 'COCO box AP against latency',
-                    'Mask R-CNN 1x box AP (published)')
-    _macs_panel(macs, rows)
+    # An accuracy panel for each published table whose input size the report timed.
+    panels = [(table, size, title, ylabel) for table, size, title, ylabel in ACCURACY_PANELS
+              if any((m.height, m.width) == size and m.variant in table for m in rows)]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(6 * (len(panels) + 1), 5.6),
+                             squeeze=False)
+    for ax, (table, size, title, ylabel) in zip(axes[0], panels):
+        _accuracy_panel(ax, rows, table, size, title, ylabel)
+    _macs_panel(axes[0][-1], rows)
     env = report.environment
     dtypes = '/'.join(sorted({m.dtype for m in rows})) or 'float32'
     fig.suptitle(f"Measured on {env['cpu']}, device {env['device']}, {env['threads']} threads, "

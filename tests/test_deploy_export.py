@@ -323,3 +323,12 @@ def test_benchmark_size_stream_reports_time_per_image_and_cached_biases(tmp_path
                                '--size-stream', '3', '--runtimes', 'onnxruntime'],
                               capture_output=True, text=True)
     assert rejected.returncode == 2 and 'eager and fused runtimes only' in rejected.stderr
+
+
+def test_the_figure_has_a_published_accuracy_for_every_variant():
+    """The latency figure's ImageNet panel draws every released variant (a missing entry once
+    left EfficientFormerV2-S0 out of it); the COCO panel only variants of the model zoo."""
+    from benchmarks.published import COCO_BOX_AP, IMAGENET_TOP1
+    from mmeformer.models import arch_names
+    assert set(IMAGENET_TOP1) == set(arch_names())
+    assert set(COCO_BOX_AP) < set(arch_names())

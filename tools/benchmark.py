@@ -2,7 +2,7 @@
 """Backbone latency report: variants x sizes x runtimes x batch sizes x threads, as Markdown, CSV,
 JSON (with the environment) and a PNG plot.
 
-    python tools/benchmark.py --quick                       # a few minutes
+    python tools/benchmark.py --quick                       # about a minute
     python tools/benchmark.py --out outputs/benchmark        # all 13 at 224, 512, 800x1344
     python tools/benchmark.py --compare --sizes 800x1344 512x512 224x224   # vs timm / official
     python tools/benchmark.py --profile --compare --variants efficientformerv2_s0 --sizes 512x512
@@ -65,7 +65,8 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int)
     parser.add_argument('--compare', action='store_true', help='also time timm and the official '
                         'code stand-in (see below)')
-    parser.add_argument('--quick', action='store_true', help='6 variants (2 per family), 2 sizes, a few minutes')
+    parser.add_argument('--quick', action='store_true',
+                        help='6 variants (2 per family), 2 sizes, about a minute')
     parser.add_argument('--train-memory', action='store_true',
                         help='instead of latency: peak memory of one training step (forward + '
                         'backward) per variant, each in a fresh process (default batch 2, '
