@@ -85,7 +85,7 @@ def verify_onnx(model: nn.Module, path: str, sizes: Sequence[Tuple[int, int]],
                 batch: int = 1) -> Dict:
     """Largest relative difference from PyTorch per input size, on ``batch`` images (more than
     one only for an export with a dynamic batch axis)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # an extra: only this check needs it
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     results = {}
     for size in sizes:
@@ -175,7 +175,7 @@ def export_coreml(model: nn.Module, path: str, shape: Tuple[int, int], image_inp
 
 def inspect_coreml(path: str) -> Dict:
     """What Linux can check of an ``.mlpackage``: its interface and the ops of its program."""
-    import coremltools as ct
+    import coremltools as ct  # an extra, as in export_coreml
     spec = ct.utils.load_spec(path)
     ops = set()
     for function in spec.mlProgram.functions.values():

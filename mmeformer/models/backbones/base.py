@@ -345,7 +345,8 @@ class MobileBackbone(BaseModule):
                 super().init_weights()
             finally:
                 self.init_cfg = full_cfg
-        from ...checkpoint import load_pretrained  # local: keeps model import light
+        # Local: the loader sits above the models (the one import upwards, for init_cfg).
+        from ...checkpoint import load_pretrained
         load_pretrained(self, pretrained['checkpoint'], prefix=pretrained.get('prefix'),
                         strict=pretrained.get('strict', True))
         self._is_init = True
