@@ -54,7 +54,7 @@ TOLERANCES = {'float32': 1e-4, 'float16': 2e-2, 'bfloat16': 6e-2}
 # No tolerance exceeds MAX_TOLERANCE: an output scaled by 3 or of the wrong sign (a relative
 # difference of 2) always fails.
 TRAINING_FACTOR = 20
-TRAINING_GRADIENT_TOLERANCES = {'float32': 1e-4, 'float16': 0.1, 'bfloat16': 0.35}
+TRAINING_GRADIENT_TOLERANCES = {'float16': 0.1, 'bfloat16': 0.35}  # float32: see TRAINING_FACTOR
 MAX_TOLERANCE = 0.5
 RUNTIMES = ('eager', 'fused')
 
