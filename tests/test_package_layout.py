@@ -22,7 +22,7 @@ ALLOWED_LOCAL = {
     # reported instead of failing the import.
     ('mmeformer.doctor', 'mmeformer.models'),
 }
-LOWER_LAYERS = {'mmeformer', 'mmeformer.registry', 'mmeformer.models'}
+LOWER_LAYERS = {'mmeformer', 'mmeformer.registry', 'mmeformer.safe_globals', 'mmeformer.models'}
 
 
 def module_name(path: Path) -> str:

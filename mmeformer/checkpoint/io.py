@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .safe_globals import mmengine_checkpoint_globals
+from ..safe_globals import mmengine_checkpoint_globals
 
 
 class CheckpointError(ValueError):
@@ -21,7 +21,7 @@ class CheckpointError(ValueError):
 ANSI_ESCAPE = re.compile(r'\x1b\[[0-9;]*m')
 # What torch's safe unpickler names when it refuses a file ('Unsupported global: GLOBAL
 # argparse.Namespace ...', 'unsupported GLOBAL posix.system ...') and what
-# mmeformer.checkpoint.safe_globals refuses ('asks for getattr(...)').
+# mmeformer.safe_globals refuses ('asks for getattr(...)').
 REFUSED_GLOBAL = re.compile(r'GLOBAL ([\w.]+)|asks for (getattr\(.*?\));')
 
 

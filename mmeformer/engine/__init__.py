@@ -3,7 +3,7 @@
 mixed precision and safe loading of mmengine checkpoints."""
 from .amp import CPUAmpOptimWrapper
 from .checkpointing import AtomicCheckpointHook, AtomicLocalBackend, atomic_write
-from ..checkpoint.safe_globals import (allow_mmengine_checkpoint_globals,
+from ..safe_globals import (allow_mmengine_checkpoint_globals,
                                        mmengine_checkpoint_globals)
 from .config_check import backbone_out_channels, check_model_config
 from .errors import ConfigError, LaunchError

@@ -9,7 +9,7 @@ The logic behind ``tools/train.py`` and ``tools/test.py`` (which stay thin argum
   ``device_ids``, both of which fail on CPU), and replaces SyncBN by BN on CPU.
 * :func:`build_runner` checks the model config (:func:`mmeformer.engine.check_model_config`),
   allow-lists mmengine's checkpoint globals for ``torch.load``
-  (:mod:`mmeformer.checkpoint.safe_globals`), makes checkpoint writing crash-safe
+  (:mod:`mmeformer.safe_globals`), makes checkpoint writing crash-safe
   (:mod:`mmeformer.engine.checkpointing`) and mid-epoch resumption exact
   (:mod:`mmeformer.engine.loops`), gives each run its own visualizer and builds the Runner;
   :func:`train` and :func:`test` run it.
@@ -35,7 +35,7 @@ from mmengine.visualization import Visualizer
 
 from ..checkpoint.detector import conversion_meta, unconverted_backbone_family
 from ..checkpoint.io import CheckpointError, check_checkpoint_path, read_checkpoint
-from ..checkpoint.safe_globals import allow_mmengine_checkpoint_globals
+from ..safe_globals import allow_mmengine_checkpoint_globals
 from .amp import AMP_DTYPES
 from .config_check import check_model_config
 from .errors import LaunchError

@@ -2,10 +2,17 @@
 
 PyTorch >= 2.6 loads with ``weights_only=True`` by default and mmengine 0.10 calls ``torch.load``
 without the argument, so ``resume`` and ``load_from`` of a checkpoint that mmengine itself wrote
-fail: besides tensors it pickles its ``HistoryBuffer`` logs (in ``message_hub``) and numpy arrays
-and scalars. :func:`allow_mmengine_checkpoint_globals` allow-lists exactly those globals with
+fail, and so do mmdet's ``init_detector`` / ``DetInferencer`` and mmseg's ``init_model`` /
+``MMSegInferencer``: besides tensors it pickles its ``HistoryBuffer`` logs (in ``message_hub``)
+and numpy arrays and scalars.
+
+This module is the one place that allow-lists exactly those globals, with
 ``torch.serialization.add_safe_globals``; everything else stays refused, and the safe loader is
-never switched off (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is not used and is rejected).
+never switched off (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is not used and is rejected by the
+tools). Importing :mod:`mmeformer.models`, which a config's
+``custom_imports=dict(imports=['mmeformer.models'])`` does, calls
+:func:`register_mmengine_checkpoint_globals`, so the ecosystem's own inference APIs load
+mmeformer checkpoints with ``weights_only`` left on.
 """
 import os
 import pickle
@@ -52,8 +59,14 @@ def mmengine_checkpoint_globals() -> List[Union[object, Tuple[object, str]]]:
     return allowed
 
 
+def register_mmengine_checkpoint_globals() -> None:
+    """Let ``torch.load(weights_only=True)`` read mmengine training checkpoints (idempotent:
+    torch keeps the allowed globals in a set)."""
+    torch.serialization.add_safe_globals(mmengine_checkpoint_globals())
+
+
 def allow_mmengine_checkpoint_globals() -> None:
-    """Let ``torch.load(weights_only=True)`` read mmengine training checkpoints (idempotent).
+    """:func:`register_mmengine_checkpoint_globals`, for the tools that train and test.
 
     Raises RuntimeError when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set: that switches the
     protection off for every file and is not how mmeformer loads checkpoints.
@@ -62,4 +75,4 @@ def allow_mmengine_checkpoint_globals() -> None:
         raise RuntimeError(
             'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, which lets any checkpoint run code when '
             'loaded. Unset it: mmeformer allow-lists the few globals mmengine checkpoints need')
-    torch.serialization.add_safe_globals(mmengine_checkpoint_globals())
+    register_mmengine_checkpoint_globals()
