@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..safe_globals import mmengine_checkpoint_globals
+from ..safe_globals import register_mmengine_checkpoint_globals
 
 
 class CheckpointError(ValueError):
@@ -62,9 +62,11 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
                                   f'({err})') from err
     try:
         # Training checkpoints of mmengine also hold a few logging / numpy objects: exactly
-        # those are allow-listed, everything else stays refused.
-        with torch.serialization.safe_globals(mmengine_checkpoint_globals()), \
-                warnings.catch_warnings():
+        # those are allow-listed, everything else stays refused. Registered for good, not with
+        # torch.serialization.safe_globals(): leaving that context removes its globals even
+        # when they were registered before, and mmdet's / mmseg's loaders then fail.
+        register_mmengine_checkpoint_globals()
+        with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='Detected pickle protocol')  # junk files
             return torch.load(path, map_location='cpu', weights_only=True,
                               mmap=mmap and zipfile.is_zipfile(path))

@@ -388,8 +388,10 @@ def check_checkpoint_converted(checkpoint: dict, path: str) -> None:
             f'evaluate CONVERTED.pth')
 
 
-def test(cfg: Config, checkpoint: str) -> Dict[str, float]:
-    """Evaluate ``checkpoint`` with ``cfg``'s test loop; returns the metrics."""
+def check_checkpoint_for(cfg: Config, checkpoint: str) -> None:
+    """Refuse, with the fix, a checkpoint that ``cfg``'s model cannot be evaluated with: not a
+    readable local file (a pickle that would run code included), a released checkpoint whose
+    backbone was never converted, or one that needs another bias mode."""
     try:
         check_checkpoint_path(checkpoint)
     except CheckpointError as err:
@@ -397,7 +399,11 @@ def test(cfg: Config, checkpoint: str) -> Dict[str, float]:
     loaded = read_checkpoint(checkpoint, mmap=True)  # the checks look at keys and meta only
     check_checkpoint_converted(loaded, checkpoint)
     check_checkpoint_bias_mode(cfg, loaded, checkpoint)
-    del loaded  # the Runner loads it again, onto the model
+
+
+def test(cfg: Config, checkpoint: str) -> Dict[str, float]:
+    """Evaluate ``checkpoint`` with ``cfg``'s test loop; returns the metrics."""
+    check_checkpoint_for(cfg, checkpoint)  # the Runner then loads it onto the model
     cfg.load_from = checkpoint
     cfg.resume = False
     runner = build_runner(cfg)
