@@ -4,6 +4,7 @@ convert with tools/convert_checkpoint.py and load into the full model with zero 
 unexpected keys."""
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,6 +96,35 @@ def _build(config, bias_img_size):
     return cfg, model
 
 
+# mmdet's own init_detector in a fresh interpreter (the config's custom_imports brings the
+# models in): every backbone tensor of the model holds the converted file's value.
+INIT_DETECTOR_SCRIPT = '''
+import json, sys, torch
+from mmdet.apis import init_detector
+config, path, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = init_detector(config, path, device='cpu', cfg_options=options or None)
+saved = torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+backbone = {k: v for k, v in model.state_dict().items() if k.startswith('backbone.')}
+print('RESULT ' + json.dumps(dict(
+    backbone=len(backbone), missing=sorted(set(backbone) - set(saved)),
+    other_values=sorted(k for k in backbone.keys() & saved.keys()
+                        if not torch.equal(backbone[k], saved[k])))))
+'''
+INIT_DETECTOR_CASES = ('v1_l1_maskrcnn', 'ev_m4_maskrcnn')
+
+
+def _check_init_detector(config, converted, bias_img_size):
+    options = {} if bias_img_size is None else {'model.backbone.bias_mode': 'official',
+                                                'model.backbone.bias_img_size': bias_img_size}
+    out = subprocess.run([sys.executable, '-c', INIT_DETECTOR_SCRIPT,
+                          str(REPO / 'configs' / config), str(converted), json.dumps(options)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (line, ) = [x for x in out.stdout.splitlines() if x.startswith('RESULT ')]
+    found = json.loads(line[len('RESULT '):])
+    assert found['backbone'] > 100 and found['missing'] == [] and found['other_values'] == []
+
+
 @pytest.mark.parametrize('case', list(CASES))
 def test_converted_release_loads_into_the_full_model(case, tmp_path, capsys):
     config, fixture, head_keys, bias_img_size = CASES[case]
@@ -134,6 +164,9 @@ def test_converted_release_loads_into_the_full_model(case, tmp_path, capsys):
     check_against_source(backbone_part(checkpoint['state_dict']), backbone_part(state), fixture,
                          tables='written', model_keys=list(backbone_part(model_state)))
     check_against_source(backbone_part(loaded), backbone_part(state), fixture)
+
+    if case in INIT_DETECTOR_CASES:
+        _check_init_detector(config, converted, bias_img_size)
 
     # tools/test.py refuses the training config (table mode) for a V1/V2 release.
     if bias_img_size is not None:
