@@ -16,7 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmeformer.datasets import make_toy_data
-from mmeformer.engine import build_runner, load_config
+from mmeformer.engine import LaunchError, build_runner, load_config
+from mmeformer.engine.amp import AMP_DTYPES
 from mmeformer.models import EfficientFormer, EfficientFormerV2, EfficientViT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +186,12 @@ def test_float16_dynamic_loss_scale_skips_overflowing_steps():
     restored.load_state_dict(wrapper.state_dict())
     assert restored.loss_scaler.get_scale() == scale / 2
 
+
+
+def test_cpu_amp_refuses_a_two_stage_detector_with_the_fix():
+    """The RPN's nms (mmcv, CPU) takes float32 only: --amp on CPU would fail in the first
+    iteration deep inside mmcv, so the launch is refused with the fix instead."""
+    config = REPO / 'configs' / 'detection' / 'toy' / 'maskrcnn_eformer_l1.py'
+    for dtype in AMP_DTYPES:
+        with pytest.raises(LaunchError, match='two-stage detector.*drop --amp'):
+            load_config(str(config), amp=dtype)

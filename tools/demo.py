@@ -5,7 +5,9 @@
 2. generate the toy COCO / ADE20K data;
 3. train the toy Mask R-CNN with EfficientFormer-L1 and evaluate it (real CocoMetric);
 4. export the trained backbone to ONNX (dynamic size) with the ONNX Runtime parity check;
-5. the quick latency report with its plot.
+5. the quick latency report with its plot;
+6. the trained detector's predictions drawn on a toy validation image (tools/infer.py, mmdet's
+   DetInferencer).
 
 Each step runs the project's own tool, printed before it runs, so it can be repeated by hand.
 Artefacts go under outputs/demo/.
@@ -86,9 +88,15 @@ def main():
                          '--dynamic', '--shape', '320', '320', '--out', onnx_path], out)[-4:]))
     run('5: quick latency report', ['tools/benchmark.py', '--quick', '--out',
                                     out / 'benchmark'], out)
+    image = sorted((REPO / 'data' / 'toy' / 'coco' / 'val2017').iterdir())[0]
+    print('\n'.join(run('6: predictions drawn by mmdet\'s DetInferencer',
+                        ['tools/infer.py', TOY_CONFIG, checkpoint, image.relative_to(REPO),
+                         '--out', out / 'infer'], out)[-2:]))
     print(f'\nArtefacts:\n  toy data:        data/toy/\n  training run:    {work_dir}\n'
           f'  checkpoint:      {checkpoint}\n  ONNX backbone:   {onnx_path}\n'
           f'  latency report:  {out / "benchmark"}/latency.{{md,csv,json,png}}\n'
+          f'  predictions:     {out / "infer" / "vis" / image.name} (drawn), '
+          f'{out / "infer" / "preds"}/\n'
           f'  step logs:       {out}/*.log')
 
 

@@ -150,6 +150,13 @@ def _enable_amp(cfg: Config, dtype: str) -> None:
         wrapper.type, wrapper.dtype = 'AmpOptimWrapper', dtype
         wrapper.setdefault('loss_scale', 'dynamic')
     else:
+        if 'rpn_head' in cfg.model:
+            # The RPN's proposals go through mmcv's nms inside the autocast region, and its CPU
+            # kernel takes float32 only ('expected scalar type Float but found Half').
+            raise LaunchError(
+                '--amp on CPU cannot train a two-stage detector (RPN): mmcv\'s CPU nms kernel '
+                'takes float32 only. Train it in float32 (drop --amp) or use '
+                '--amp on a GPU')
         wrapper.type, wrapper.dtype = 'mmeformer.CPUAmpOptimWrapper', dtype
         if dtype == 'float16':
             wrapper.setdefault('loss_scale', 'dynamic')
