@@ -20,6 +20,12 @@ even deletes the oldest kept checkpoint *before* writing the new one.
 
 A process killed while writing leaves only a hidden ``.<name>.<pid>.<random>.partial`` file,
 which the hook deletes when the next run starts.
+
+The hook also makes a resume exact (with :mod:`mmeformer.engine.loops`): each checkpoint it
+writes carries the random states of every rank (``checkpoint['random_states']``, see
+:mod:`mmeformer.engine.random_state`), a resumed run puts them back where the interrupted run
+took them, and validation runs with its own random numbers, so that a validation right after a
+checkpoint cannot shift the training's streams.
 """
 import inspect
 import os
@@ -29,11 +35,13 @@ import secrets
 from pathlib import Path
 from typing import List, Union
 
-from mmengine.dist import is_main_process
+from mmengine.dist import get_rank, is_main_process
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.hooks import CheckpointHook
 
 from ..registry import HOOKS
+from .random_state import (capture_random_state, gather_random_states, random_state_of_rank,
+                           restore_random_state)
 
 ATOMIC_BACKEND = 'mmeformer_atomic'
 PARTIAL_SUFFIX = '.partial'
@@ -140,13 +148,17 @@ class AtomicCheckpointHook(CheckpointHook):
     """``CheckpointHook`` whose checkpoints and ``last_checkpoint`` pointer survive a process
     killed at any moment.
 
-    Same arguments as :class:`mmengine.hooks.CheckpointHook`. With a local ``out_dir`` and no
-    ``backend_args`` / ``file_client_args`` of its own it writes through
-    :class:`AtomicLocalBackend`; outdated checkpoints (``max_keep_ckpts``) are removed only
-    after the new checkpoint and the pointer naming it are complete on disk.
+    Same arguments as :class:`mmengine.hooks.CheckpointHook`, plus ``restore_random_states``.
+    With a local ``out_dir`` and no ``backend_args`` / ``file_client_args`` of its own it
+    writes through :class:`AtomicLocalBackend`; outdated checkpoints (``max_keep_ckpts``) are
+    removed only after the new checkpoint and the pointer naming it are complete on disk.
+
+    Every checkpoint records the random states of all ranks. ``restore_random_states=True``
+    (default): a resumed run restores them (a run of another number of processes is refused);
+    ``False``: the recorded states are ignored and the run continues with fresh streams.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, restore_random_states: bool = True, **kwargs):
         given = inspect.signature(CheckpointHook.__init__).bind_partial(
             self, *args, **kwargs).arguments
         positional = 'backend_args' in given and 'backend_args' not in kwargs
@@ -154,6 +166,11 @@ class AtomicCheckpointHook(CheckpointHook):
                 and given.get('file_client_args') is None and not positional):
             kwargs['backend_args'] = dict(backend=ATOMIC_BACKEND)
         super().__init__(*args, **kwargs)
+        self.restore_random_states = restore_random_states
+        self._states_to_write = None  # gathered by every rank, written by rank 0
+        self._loaded = None  # (iteration, random-state record) of the last loaded checkpoint
+        self._states_to_restore = None  # this rank's, until training continues
+        self._before_val = None  # the training's states while a validation runs
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
@@ -163,8 +180,62 @@ class AtomicCheckpointHook(CheckpointHook):
                     for path in remove_stale_partials(directory):
                         runner.logger.info(f'Removed {path}, a checkpoint that a killed run '
                                            f'was writing')
+        self._states_to_restore = self._resumed_states(runner)
+        if not getattr(runner.train_loop, 'restores_random_states', False):
+            self.restore_resumed_random_states(runner)  # a loop that does not say where
+
+    # -- random states ---------------------------------------------------------------------
+    def after_load_checkpoint(self, runner, checkpoint) -> None:
+        meta = checkpoint.get('meta') or {}
+        self._loaded = (meta.get('iter'), checkpoint.get('random_states'))
+
+    def _resumed_states(self, runner):
+        """This rank's recorded states when the run resumes a checkpoint (a ``load_from`` that
+        only initialises the weights starts at iteration 0 and restores nothing)."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is None or not loaded[0] or loaded[0] != runner.iter:
+            return None
+        record = loaded[1]
+        if not self.restore_random_states:
+            runner.logger.warning('restore_random_states=False: the resumed run draws other '
+                                  'random numbers than the interrupted run would have')
+            return None
+        if record is None:
+            runner.logger.warning(
+                'The checkpoint records no random states (written before mmeformer recorded '
+                'them, or by another checkpoint hook): the run resumes with its weights, '
+                'optimizer and schedule, but its random streams (RPN / RoI sampling, dropout, '
+                'drop path) were not recorded, so it will differ from an uninterrupted run')
+            return None
+        return random_state_of_rank(record)
+
+    def restore_resumed_random_states(self, runner) -> None:
+        """Put back the resumed checkpoint's random states of this rank (once; the resumable
+        loops call this where the interrupted run took them)."""
+        state, self._states_to_restore = self._states_to_restore, None
+        if state is not None:
+            restore_random_state(state)
+            runner.logger.info(f'Restored the random states of rank {get_rank()} recorded in '
+                               f'the checkpoint (iteration {runner.iter})')
+
+    def before_val(self, runner) -> None:
+        # Validation draws random numbers too (a loader iterator's base seed, ...); training
+        # continues with its own states, as a resumed run, which does not validate, would.
+        self._before_val = capture_random_state()
+
+    def after_val(self, runner) -> None:
+        state, self._before_val = self._before_val, None
+        if state is not None:
+            restore_random_state(state)
+
+    def before_save_checkpoint(self, runner, checkpoint) -> None:
+        if self._states_to_write is not None:  # rank 0 only (Runner.save_checkpoint)
+            checkpoint['random_states'] = self._states_to_write
 
     def _save_checkpoint_with_step(self, runner, step, meta):
+        # Every rank passes here (only rank 0 writes): gather the states of all. During a
+        # validation (best-checkpoint saves) the training's are the ones from before it.
+        self._states_to_write = gather_random_states(self._before_val)
         filename = self.filename_tmpl.format(step)
         self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
@@ -189,6 +260,7 @@ class AtomicCheckpointHook(CheckpointHook):
             by_epoch=self.by_epoch,
             backend_args=self.backend_args,
             **self.args)
+        self._states_to_write = None
 
         if not is_main_process():
             return

@@ -278,6 +278,22 @@ def use_resumable_epoch_loop(cfg: Config) -> bool:
     return False
 
 
+def use_resumable_iter_loop(cfg: Config) -> bool:
+    """Make an iteration-based ``train_cfg`` use
+    :class:`~mmeformer.engine.loops.ResumableIterBasedTrainLoop` (exact resumption without
+    loading the batches trained before the checkpoint); returns whether it did."""
+    train_cfg = cfg.get('train_cfg')
+    if not isinstance(train_cfg, dict):
+        return False
+    loop_type = train_cfg.get('type')
+    if loop_type in ('IterBasedTrainLoop', 'mmengine.IterBasedTrainLoop') or (
+            loop_type is None and train_cfg.get('by_epoch') is False):
+        train_cfg.pop('by_epoch', None)
+        train_cfg['type'] = 'mmeformer.ResumableIterBasedTrainLoop'
+        return True
+    return False
+
+
 def restore_resume_seed(cfg: Config) -> Optional[int]:
     """For a resumed run without a fixed seed: use the random seed of the checkpoint it resumes
     from. mmengine builds the data samplers (whose shuffling follows the seed) before it
@@ -328,6 +344,7 @@ def build_runner(cfg: Config):
     allow_mmengine_checkpoint_globals()
     use_atomic_checkpoints(cfg)
     use_resumable_epoch_loop(cfg)
+    use_resumable_iter_loop(cfg)
     restore_resume_seed(cfg)
     use_own_visualizer(cfg)
     prepare_distributed(cfg)

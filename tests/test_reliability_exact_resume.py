@@ -1,0 +1,194 @@
+"""Exact resume: a run stopped at a checkpoint and resumed in a fresh Runner ends with the weights
+and optimizer state of the run that was never interrupted, bit for bit on CPU, with data
+augmentation on and loader workers (persistent or not, or none) in either run.
+
+Checkpoints carry the random states of every rank (AtomicCheckpointHook), each training
+sample's augmentation is seeded from its place in the data stream (mmeformer.engine.sampling)
+and the loops skip the trained batches without loading them (mmeformer.engine.loops). The SIGKILL
+variant (toy Semantic FPN through tools/train.py) is in test_reliability_resume.py."""
+import itertools
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from torch.utils.data import Dataset
+
+from mmeformer.engine import LaunchError, allow_mmengine_checkpoint_globals
+from mmeformer.engine.random_state import (capture_random_state, gather_random_states,
+                                           restore_random_state, seeded_random_state)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(path):
+    allow_mmengine_checkpoint_globals()  # mmengine's own globals only: nothing added for us
+    return torch.load(str(path), map_location='cpu', weights_only=True)
+
+
+def _tensors(checkpoint):
+    """{name: tensor} of the weights and of every optimizer state entry."""
+    found = {f'weight {k}': v for k, v in checkpoint['state_dict'].items()}
+    for param, state in checkpoint['optimizer']['state'].items():
+        for name, value in state.items():
+            found[f'optimizer {param}.{name}'] = torch.as_tensor(value)
+    return found
+
+
+def _compare(reference, resumed):
+    """(tensors compared, how many differ, max |difference|); weights and optimizer state."""
+    a, b = _tensors(reference), _tensors(resumed)
+    assert a.keys() == b.keys()
+    assert (reference['optimizer']['param_groups'] == resumed['optimizer']['param_groups'])
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    biggest = max(((a[k].double() - b[k].double()).abs().max().item() for k in differ),
+                  default=0.0)
+    return len(a), len(differ), biggest
+
+
+def _unique_name(names=itertools.count()):
+    """A run name of its own (mmengine hands a run the visualizer of an earlier run of the same
+    name, with that run's folders)."""
+    return f'exact_resume_{next(names)}'
+
+
+def _release_workers(runner):
+    """Shut persistent loader workers down now: left to the garbage collection of the runner's
+    reference cycles, torch waits out a 5 s join timeout per worker."""
+    runner.train_dataloader._iterator = None
+
+
+# -- the random states themselves ----------------------------------------------------------------
+def _draws():
+    return random.random(), float(np.random.rand()), float(np.random.randn()), \
+        torch.rand(3).tolist()
+
+
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    np.random.randn()  # numpy holds a cached gaussian: part of the state
+    record = gather_random_states()
+    expected = _draws()
+    torch.save({'random_states': record}, str(tmp_path / 'states.pth'))
+    loaded = torch.load(str(tmp_path / 'states.pth'), weights_only=True)  # no global allowed
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(
+        str(tmp_path / 'states.pth')) == []
+    _draws()
+    restore_random_state(loaded['random_states']['ranks'][0])
+    assert _draws() == expected
+    assert loaded['random_states']['world_size'] == 1
+
+    # Seeding from a position: the same numbers wherever it runs, previous states kept.
+    before = capture_random_state()
+    with seeded_random_state((0, 0, 1, 5)):
+        first = _draws()
+    with seeded_random_state((0, 0, 1, 5)):
+        assert _draws() == first
+    with seeded_random_state((0, 0, 1, 6)):
+        assert _draws() != first
+    after = capture_random_state()
+    assert after['python'] == before['python'] and torch.equal(after['torch'], before['torch'])
+    assert torch.equal(after['numpy']['keys'], before['numpy']['keys'])
+
+
+# -- a tiny Runner drawing from every generator ---------------------------------------------------
+class NoisyData(Dataset):
+    """Six samples, each 'augmented' with numbers from Python's, numpy's and torch's global
+    generators (in the loader workers, or in the main process without workers)."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        noise = float(np.random.rand()) + random.random()
+        return dict(x=torch.full((4, ), float(i)) * noise + torch.rand(4))
+
+
+class NoisyModel(BaseModel):
+    """Dropout (torch) and two more global draws (numpy, Python) in every training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, mode='loss'):
+        scale = 1 + float(np.random.rand()) + random.random()
+        return dict(loss=(self.fc(self.drop(torch.stack(x))) * scale).pow(2).mean())
+
+
+def _tiny_run(work_dir, loop, resume=None, workers=2, persistent=True, amp=False,
+              restore=True, hooks=()):
+    """9 iterations (3 epochs of 3 batches, or max_iters=9), a checkpoint after each."""
+    torch.manual_seed(1)  # the same initial weights in every run
+    epoch = loop == 'epoch'
+    optim = dict(optimizer=dict(type='AdamW', lr=1e-2))
+    if amp:
+        optim.update(type='mmeformer.CPUAmpOptimWrapper', dtype='float16', loss_scale='dynamic')
+    runner = Runner(
+        model=NoisyModel(), work_dir=str(work_dir),
+        train_dataloader=dict(
+            dataset=NoisyData(), batch_size=2, num_workers=workers,
+            persistent_workers=persistent and workers > 0,
+            sampler=dict(type='DefaultSampler' if epoch else 'InfiniteSampler', shuffle=True),
+            collate_fn=dict(type='pseudo_collate')),
+        train_cfg=(dict(type='mmeformer.ResumableEpochBasedTrainLoop', max_epochs=3) if epoch
+                   else dict(type='mmeformer.ResumableIterBasedTrainLoop', max_iters=9)),
+        optim_wrapper=optim,
+        default_hooks=dict(checkpoint=dict(type='mmeformer.AtomicCheckpointHook', by_epoch=False,
+                                           interval=1, restore_random_states=restore)),
+        custom_hooks=list(hooks), randomness=dict(seed=0), load_from=resume,
+        resume=resume is not None, experiment_name=_unique_name())
+    runner.train()
+    _release_workers(runner)
+    return _load(Path(work_dir) / 'iter_9.pth')
+
+
+@pytest.mark.parametrize('loop,amp', [('epoch', False), ('iter', False), ('iter', True)])
+def test_tiny_runner_resumes_exactly(loop, amp, tmp_path):
+    """From an epoch's end (iteration 3) and from inside an epoch (4), with 1 or no loader
+    worker where the reference had 2 persistent ones: the same final weights and optimizer
+    state (float16 loss scale included), bit for bit. Negative control: the same resume with
+    the random states left unrestored ends elsewhere."""
+    reference = _tiny_run(tmp_path / 'reference', loop, amp=amp)
+    for start, workers in ((3, 1), (4, 0)):
+        resumed = _tiny_run(tmp_path / f'from_{start}', loop, amp=amp, workers=workers,
+                            persistent=False,
+                            resume=str(tmp_path / 'reference' / f'iter_{start}.pth'))
+        assert _compare(reference, resumed)[1:] == (0, 0.0), start
+        if amp:
+            assert (resumed['optimizer']['loss_scaler'] ==
+                    reference['optimizer']['loss_scaler'])
+    control = _tiny_run(tmp_path / 'control', loop, amp=amp, workers=0, restore=False,
+                        resume=str(tmp_path / 'reference' / 'iter_4.pth'))
+    assert _compare(reference, control)[1] > 0
+
+
+def test_old_checkpoint_resumes_with_a_warning_and_another_process_count_is_refused(
+        tmp_path):
+    reference = _tiny_run(tmp_path / 'reference', 'iter', workers=0)
+    checkpoint = _load(tmp_path / 'reference' / 'iter_4.pth')
+
+    # A checkpoint from before the random states were recorded: resumes, warns, differs.
+    old = dict(checkpoint)
+    del old['random_states']
+    torch.save(old, str(tmp_path / 'old.pth'))
+    resumed = _tiny_run(tmp_path / 'from_old', 'iter', workers=0,
+                        resume=str(tmp_path / 'old.pth'))
+    [log] = (tmp_path / 'from_old').glob('*/*.log')
+    assert re.search(r'WARNING - The checkpoint records no random states .* so it will differ '
+                     r'from an uninterrupted run', log.read_text())
+    assert _compare(reference, resumed)[1] > 0
+
+    # Written by 2 processes, resumed by 1: refused, naming the launch that fits.
+    two = dict(checkpoint)
+    two['random_states'] = dict(checkpoint['random_states'], world_size=2,
+                                ranks=checkpoint['random_states']['ranks'] * 2)
+    torch.save(two, str(tmp_path / 'two.pth'))
+    with pytest.raises(LaunchError, match=r'2 process\(es\) and this run has 1.*'
+                       r'tools/dist_train\.sh CONFIG 2 --resume.*restore_random_states=False'):
+        _tiny_run(tmp_path / 'from_two', 'iter', workers=0, resume=str(tmp_path / 'two.pth'))
