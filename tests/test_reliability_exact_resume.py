@@ -19,9 +19,12 @@ from mmengine.model import BaseModel
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
-from mmeformer.engine import LaunchError, allow_mmengine_checkpoint_globals
+from mmeformer.datasets import make_toy_data
+from mmeformer.engine import (LaunchError, allow_mmengine_checkpoint_globals, build_runner,
+                              load_config)
 from mmeformer.engine.random_state import (capture_random_state, gather_random_states,
                                            restore_random_state, seeded_random_state)
+from mmeformer.engine.sampling import SeededSampleDataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,3 +195,80 @@ def test_old_checkpoint_resumes_with_a_warning_and_another_process_count_is_refu
     with pytest.raises(LaunchError, match=r'2 process\(es\) and this run has 1.*'
                        r'tools/dist_train\.sh CONFIG 2 --resume.*restore_random_states=False'):
         _tiny_run(tmp_path / 'from_two', 'iter', workers=0, resume=str(tmp_path / 'two.pth'))
+
+
+# -- toy Mask R-CNN + EfficientFormer-L1, epoch-based ---------------------------------------------
+@pytest.fixture(scope='module')
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('exact_resume_toy')
+    make_toy_data(str(root / 'data' / 'toy'), num_train=4, num_val=2)
+    return root
+
+
+def _small_maskrcnn(cfg, width=32):
+    """128 px images, fewer proposals and RoIs, narrower neck and heads: the toy Mask R-CNN at
+    a fraction of its step time and checkpoint size (RandomFlip stays, prob 0.5)."""
+    for step in cfg.train_dataloader.dataset.pipeline:
+        if step.type == 'Resize':
+            step.scale = (128, 128)
+    model = cfg.model
+    model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=50)
+    model.train_cfg.rcnn.sampler.num = 32
+    model.neck.out_channels = width
+    model.rpn_head.in_channels = model.rpn_head.feat_channels = width
+    roi = model.roi_head
+    roi.bbox_roi_extractor.out_channels = roi.mask_roi_extractor.out_channels = width
+    roi.bbox_head.in_channels = roi.mask_head.in_channels = width
+    roi.bbox_head.fc_out_channels = 2 * width
+    roi.mask_head.conv_out_channels = width
+
+
+def _train_maskrcnn(work_dir, resume=None, workers=0, persistent=False, restore=True):
+    """2 epochs of 2 iterations (4 images, batch 2), a checkpoint after every iteration."""
+    cfg = load_config(
+        str(REPO / 'configs' / 'detection' / 'toy' / 'maskrcnn_eformer_l1.py'),
+        work_dir=str(work_dir), resume=resume, cfg_options={
+            'train_cfg.max_epochs': 2, 'train_cfg.val_interval': 10, 'randomness': dict(seed=0),
+            'default_hooks.checkpoint.interval': 1, 'default_hooks.checkpoint.by_epoch': False,
+            'default_hooks.checkpoint.restore_random_states': restore,
+            'default_hooks.logger.interval': 1, 'train_dataloader.num_workers': workers,
+            'train_dataloader.persistent_workers': persistent})
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.experiment_name = _unique_name()
+    _small_maskrcnn(cfg)
+    runner = build_runner(cfg)
+    runner.train()
+    _release_workers(runner)
+    [log] = Path(work_dir).glob('*/*.log')
+    return _load(Path(work_dir) / 'iter_4.pth'), log.read_text()
+
+
+def test_maskrcnn_resumes_exactly_from_an_epoch_end_and_from_inside_an_epoch(
+        toy_root, tmp_path, monkeypatch):
+    """Toy Mask R-CNN + EfficientFormer-L1 with RandomFlip (prob 0.5): resumed from the end of
+    epoch 1 (iteration 2, two loader workers) and from inside epoch 2 (iteration 3, no worker),
+    each in a fresh Runner, it ends with the weights and AdamW state of the uninterrupted run
+    (one persistent worker), every tensor bit for bit. The mid-epoch resume loads only the one
+    batch it trains. Negative control: the same resume without restoring the random states
+    (RPN / RoI sampling) ends elsewhere."""
+    monkeypatch.chdir(toy_root)
+    reference, _ = _train_maskrcnn(tmp_path / 'reference', workers=1, persistent=True)
+
+    resumed, log = _train_maskrcnn(tmp_path / 'from_2', workers=2,
+                                   resume=str(tmp_path / 'reference' / 'iter_2.pth'))
+    assert 'Restored the random states of rank 0' in log
+    assert _compare(reference, resumed)[1:] == (0, 0.0)
+
+    loaded = []
+    load = SeededSampleDataset.__getitem__
+    monkeypatch.setattr(SeededSampleDataset, '__getitem__',
+                        lambda self, index: loaded.append(int(index)) or load(self, index))
+    resumed, log = _train_maskrcnn(tmp_path / 'from_3',
+                                   resume=str(tmp_path / 'reference' / 'iter_3.pth'))
+    assert 'skipping its first 1 of 2 batches' in log and len(loaded) == 2, loaded
+    compared, differ, biggest = _compare(reference, resumed)
+    assert (differ, biggest) == (0, 0.0) and compared > 500
+
+    control, _ = _train_maskrcnn(tmp_path / 'control', restore=False,
+                                 resume=str(tmp_path / 'reference' / 'iter_3.pth'))
+    assert _compare(reference, control)[1] > 0

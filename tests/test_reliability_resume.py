@@ -281,14 +281,13 @@ def test_tools_use_the_atomic_hook_and_the_resumable_loop():
 
 # -- SIGKILL mid-epoch and --resume through tools/train.py ---------------------------------------
 # Toy Semantic FPN + EfficientFormerV2-S0: 8 training images, batch 2 = 4 iterations per epoch,
-# a checkpoint every 2 iterations; killed after iteration 3 (mid-epoch), resumed to iteration 4.
+# a checkpoint and a validation every 2 iterations; killed after iteration 3 (mid-epoch),
+# resumed to iteration 4. The toy augmentation (RandomResize, RandomCrop, RandomFlip) runs in a
+# loader worker.
 RESUME_CONFIG = '''
 _base_ = ['{base}']
-train_dataloader = dict(batch_size=2)
-train_cfg = dict(max_iters=4, val_interval=100)
-val_dataloader = None
-val_cfg = None
-val_evaluator = None
+train_dataloader = dict(batch_size=2, num_workers=1, persistent_workers=False)
+train_cfg = dict(max_iters=4, val_interval=2)
 default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
 '''
 
@@ -317,7 +316,11 @@ KILLED_CONFIG = '''
 _base_ = ['{base}']
 custom_imports = dict(imports=['mmeformer.models', 'kill_hook'], allow_failed_imports=False)
 custom_hooks = [dict(type='KillAfterIteration', iteration=3, priority='LOWEST')]
+randomness = dict(seed={seed})
 '''
+
+
+SEED = 1234
 
 
 def _train_cmd(config, work_dir, *extra):
@@ -359,13 +362,25 @@ def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path):
     base = REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformerv2_s0.py'
     config.write_text(RESUME_CONFIG.format(base=base))
     work = tmp_path / 'work'
-    env = _child_env()
+    # One thread per run: the uninterrupted reference runs beside run 1 (two OpenMP pools of 2
+    # threads on 2 cores would spin against each other), and every run uses the same count.
+    env = dict(_child_env(), OMP_NUM_THREADS='1')
+    # The same run never interrupted, beside run 1 (its output to a file: a full pipe would
+    # stall it).
+    reference_log = tmp_path / 'reference.log'
+    with open(reference_log, 'w') as out:
+        reference = subprocess.Popen(
+            _train_cmd(config, tmp_path / 'reference', '--cfg-options',
+                       f'randomness.seed={SEED}'),
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     # 1. Train with a hook that SIGKILLs the process after iteration 3 (the iteration-2
     # checkpoint and its pointer are on disk by then).
     (tmp_path / 'kill_hook.py').write_text(KILL_HOOK)
     killed_config = tmp_path / 'killed_cfg.py'
-    killed_config.write_text(KILLED_CONFIG.format(base=config))
+    # Run 1 alone fixes its seed; the resumed run (its config sets none) takes it from the
+    # checkpoint.
+    killed_config.write_text(KILLED_CONFIG.format(base=config, seed=SEED))
     env_run1 = dict(env, PYTHONPATH=f'{env["PYTHONPATH"]}{os.pathsep}{tmp_path}')
     proc = subprocess.run(_train_cmd(killed_config, work), cwd=tmp_path, env=env_run1,
                           capture_output=True, text=True, timeout=300)
@@ -387,7 +402,10 @@ def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path):
     # The data sampler of the resumed run shuffles with the interrupted run's seed.
     seeds = [re.search(r'^\s*seed: (\d+)$', log, re.M).group(1) for log in (run1, run2)]
     assert seeds[0] == seeds[1]
-    assert 'Advance dataloader 2 steps' in run2  # the mid-epoch data position is restored
+    # The data position is restored without loading the 2 batches trained before, and the
+    # random states recorded in the checkpoint are put back.
+    assert 'skipping the 2 batches trained before the checkpoint' in run2
+    assert 'Restored the random states of rank 0' in run2
     # Same iteration count: it trains iterations 3 and 4 only, never restarting from 1.
     assert re.findall(r'Iter\(train\) \[\s*(\d+)/4\]', run2) == ['3', '4'], run2[-4000:]
     assert pointer.read_text() == str(work / 'iter_4.pth')
@@ -419,3 +437,17 @@ def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path):
     for step, values in logged.items():  # iteration 3 may be logged by both runs
         assert values == pytest.approx([expected[step - 1]] * len(values), rel=1e-9), step
     assert _partials(work) == []
+
+    # 3. The killed and resumed run ends with the weights and optimizer state of the
+    # uninterrupted one, bit for bit (augmentation, dropout and the validation at the
+    # checkpoint's iteration included).
+    assert reference.wait(timeout=300) == 0, reference_log.read_text()[-4000:]
+    uninterrupted = _load(tmp_path / 'reference' / 'iter_4.pth')
+    assert uninterrupted['state_dict'].keys() == after['state_dict'].keys()
+    differ = [k for k, v in uninterrupted['state_dict'].items()
+              if not torch.equal(v, after['state_dict'][k])]
+    for param, state in uninterrupted['optimizer']['state'].items():
+        differ += [f'{param}.{k}' for k, v in state.items()
+                   if not torch.equal(torch.as_tensor(v),
+                                      torch.as_tensor(after['optimizer']['state'][param][k]))]
+    assert differ == []
