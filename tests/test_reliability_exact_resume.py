@@ -28,7 +28,7 @@ from mmeformer.engine import (LaunchError, allow_mmengine_checkpoint_globals, bu
                               load_config)
 from mmeformer.engine.random_state import (capture_random_state, gather_random_states,
                                            restore_random_state, seeded_random_state)
-from mmeformer.engine.sampling import SeededSampleDataset
+from mmeformer.engine.sampling import SampleKey, SeededSampleDataset
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -101,6 +101,27 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     after = capture_random_state()
     assert after['python'] == before['python'] and torch.equal(after['torch'], before['torch'])
     assert torch.equal(after['numpy']['keys'], before['numpy']['keys'])
+
+
+class _Listed:
+    pipeline = 'original'
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        return type(index).__name__, float(np.random.rand())
+
+
+def test_seeded_dataset_seeds_keyed_samples_and_is_otherwise_the_dataset():
+    wrapped = SeededSampleDataset(_Listed())
+    key = SampleKey(1, (0, 0, 2, 7))
+    first = wrapped[key]
+    assert first == wrapped[key] and first[0] == 'int'  # the dataset sees a plain index
+    assert wrapped[SampleKey(1, (0, 0, 2, 8))] != first
+    assert wrapped[1] != wrapped[1]  # a plain index is loaded as it is, unseeded
+    wrapped.pipeline = 'switched'  # as mmdet's PipelineSwitchHook does
+    assert wrapped.dataset.pipeline == 'switched' and len(wrapped) == 3
 
 
 # -- a tiny Runner drawing from every generator ---------------------------------------------------
@@ -228,43 +249,50 @@ def _small_maskrcnn(cfg, width=32):
     roi.mask_head.conv_out_channels = width
 
 
-def _train_maskrcnn(work_dir, resume=None, workers=0, persistent=False, restore=True):
-    """2 epochs of 2 iterations (4 images, batch 2), a checkpoint after every iteration."""
+def _train_maskrcnn(work_dir, resume=None, workers=0, persistent=False, restore=True,
+                    iteration_3=False):
+    """2 epochs of 2 iterations (4 images, batch 2), the config's epoch checkpoints every epoch;
+    ``iteration_3``: also a checkpoint after iteration 3, inside epoch 2 (``by_epoch=False``)."""
     cfg = load_config(
         str(REPO / 'configs' / 'detection' / 'toy' / 'maskrcnn_eformer_l1.py'),
         work_dir=str(work_dir), resume=resume, cfg_options={
             'train_cfg.max_epochs': 2, 'train_cfg.val_interval': 10, 'randomness': dict(seed=0),
-            'default_hooks.checkpoint.interval': 1, 'default_hooks.checkpoint.by_epoch': False,
+            'default_hooks.checkpoint.interval': 1,
             'default_hooks.checkpoint.restore_random_states': restore,
             'default_hooks.logger.interval': 1, 'train_dataloader.num_workers': workers,
             'train_dataloader.persistent_workers': persistent})
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     cfg.experiment_name = _unique_name()
+    if iteration_3:
+        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(
+            type='mmeformer.AtomicCheckpointHook', by_epoch=False, interval=3, save_last=False)]
     _small_maskrcnn(cfg)
     runner = build_runner(cfg)
     runner.train()
     _release_workers(runner)
     [log] = Path(work_dir).glob('*/*.log')
-    return _load(Path(work_dir) / 'iter_4.pth'), log.read_text()
+    return _load(Path(work_dir) / 'epoch_2.pth'), log.read_text()
 
 
 def test_maskrcnn_resumes_exactly_from_an_epoch_end_and_from_inside_an_epoch(
         toy_root, tmp_path, monkeypatch):
-    """Toy Mask R-CNN + EfficientFormer-L1 with RandomFlip (prob 0.5): resumed from the end of
-    epoch 1 (iteration 2, two loader workers) and from inside epoch 2 (iteration 3, no worker),
-    each in a fresh Runner, it ends with the weights and AdamW state of the uninterrupted run
-    (one persistent worker), every tensor bit for bit. The mid-epoch resume loads only the one
-    batch it trains. Negative control: the same resume without restoring the random states
-    (RPN / RoI sampling) ends elsewhere."""
+    """Toy Mask R-CNN + EfficientFormer-L1 with RandomFlip (prob 0.5): resumed from the epoch
+    checkpoint of epoch 1 (two loader workers) and from a checkpoint inside epoch 2 (iteration
+    3, no worker), each in a fresh Runner, it ends with the weights and AdamW state of the
+    uninterrupted run (one persistent worker), every tensor bit for bit. The mid-epoch resume
+    loads only the one batch it trains. Negative control: the same resume without restoring the
+    random states (RPN / RoI sampling) ends elsewhere."""
     monkeypatch.chdir(toy_root)
-    reference, _ = _train_maskrcnn(tmp_path / 'reference', workers=1, persistent=True)
+    reference, _ = _train_maskrcnn(tmp_path / 'reference', workers=1, persistent=True,
+                                   iteration_3=True)
 
-    resumed, log = _train_maskrcnn(tmp_path / 'from_2', workers=2,
-                                   resume=str(tmp_path / 'reference' / 'iter_2.pth'))
+    resumed, log = _train_maskrcnn(tmp_path / 'from_epoch_1', workers=2,
+                                   resume=str(tmp_path / 'reference' / 'epoch_1.pth'))
     assert 'Restored the random states of rank 0' in log
+    assert 'resumed epoch: 1, iter: 2' in log and 'skipping' not in log
     compared, differ, biggest = _compare(reference, resumed)
-    print(f'resumed from iteration 2: {differ} of {compared} tensors differ, max |diff| '
-          f'{biggest}')
+    print(f'resumed from epoch 1 (iteration 2): {differ} of {compared} tensors differ, '
+          f'max |diff| {biggest}')
     assert (differ, biggest) == (0, 0.0)
 
     loaded = []

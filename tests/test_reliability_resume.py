@@ -269,7 +269,8 @@ def test_epoch_loop_resumes_mid_epoch_exactly(loop, uninterrupted_batches, tmp_p
 
 
 def test_tools_use_the_atomic_hook_and_the_resumable_loop():
-    from mmeformer.engine import load_config, use_atomic_checkpoints, use_resumable_epoch_loop
+    from mmeformer.engine import (load_config, use_atomic_checkpoints, use_resumable_epoch_loop,
+                                  use_resumable_iter_loop)
     cfg = load_config(str(REPO / 'configs' / 'detection' / 'toy' / 'maskrcnn_eformer_l1.py'))
     assert use_atomic_checkpoints(cfg) and use_resumable_epoch_loop(cfg)
     assert cfg.default_hooks.checkpoint.type == 'mmeformer.AtomicCheckpointHook'
@@ -277,6 +278,9 @@ def test_tools_use_the_atomic_hook_and_the_resumable_loop():
     assert cfg.train_cfg.max_epochs == 4  # the other settings are kept
     cfg = load_config(str(REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformer_l1.py'))
     assert use_atomic_checkpoints(cfg) and not use_resumable_epoch_loop(cfg)  # iteration-based
+    assert use_resumable_iter_loop(cfg) and not use_resumable_iter_loop(cfg)  # swapped once
+    assert cfg.train_cfg.type == 'mmeformer.ResumableIterBasedTrainLoop'
+    assert cfg.train_cfg.max_iters == 200
 
 
 # -- SIGKILL mid-epoch and --resume through tools/train.py ---------------------------------------

@@ -127,14 +127,16 @@ class KeyedBatchSampler(Sampler):
 class SeededSampleDataset(Dataset):
     """Loads each :class:`SampleKey` sample of ``dataset`` with the global random generators
     seeded from its key (see :func:`~mmeformer.engine.random_state.seeded_random_state`); plain
-    indices load as they are. Every other attribute is the wrapped dataset's.
+    indices load as they are. Every other attribute, read or written, is the wrapped dataset's
+    (a hook that swaps ``dataset.pipeline`` reaches the real one).
 
     Args:
         dataset (Dataset or dict): The dataset, or its config.
     """
 
     def __init__(self, dataset):
-        self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
+        built = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
+        object.__setattr__(self, 'dataset', built)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -150,6 +152,9 @@ class SeededSampleDataset(Dataset):
         if name.startswith('__') or name == 'dataset':  # not set yet while unpickling
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.dataset, name, value)
 
 
 def seeded_dataloader_config(dataloader: dict, seed: int, wait: bool = False) -> dict:
