@@ -262,36 +262,34 @@ def use_atomic_checkpoints(cfg: Config) -> bool:
     return False
 
 
-def use_resumable_epoch_loop(cfg: Config) -> bool:
-    """Make an epoch-based ``train_cfg`` use
-    :class:`~mmeformer.engine.loops.ResumableEpochBasedTrainLoop` (exact resumption from
-    mid-epoch checkpoints); returns whether it did."""
+def _use_resumable_loop(cfg: Config, by_epoch: bool) -> bool:
+    """Swap mmengine's epoch- (``by_epoch``) or iteration-based training loop in ``cfg`` for the
+    exactly resuming one of :mod:`mmeformer.engine.loops`; returns whether it did."""
+    kind = 'Epoch' if by_epoch else 'Iter'
     train_cfg = cfg.get('train_cfg')
     if not isinstance(train_cfg, dict):
         return False
-    loop_type = train_cfg.get('type')
-    if loop_type in ('EpochBasedTrainLoop', 'mmengine.EpochBasedTrainLoop') or (
-            loop_type is None and train_cfg.get('by_epoch')):
+    loop_type, flag = train_cfg.get('type'), train_cfg.get('by_epoch')
+    if loop_type in (f'{kind}BasedTrainLoop', f'mmengine.{kind}BasedTrainLoop') or (
+            loop_type is None and (bool(flag) if by_epoch else flag is False)):
         train_cfg.pop('by_epoch', None)
-        train_cfg['type'] = 'mmeformer.ResumableEpochBasedTrainLoop'
+        train_cfg['type'] = f'mmeformer.Resumable{kind}BasedTrainLoop'
         return True
     return False
+
+
+def use_resumable_epoch_loop(cfg: Config) -> bool:
+    """Make an epoch-based ``train_cfg`` use
+    :class:`~mmeformer.engine.loops.ResumableEpochBasedTrainLoop` (exact resumption, also from
+    mid-epoch checkpoints); returns whether it did."""
+    return _use_resumable_loop(cfg, by_epoch=True)
 
 
 def use_resumable_iter_loop(cfg: Config) -> bool:
     """Make an iteration-based ``train_cfg`` use
     :class:`~mmeformer.engine.loops.ResumableIterBasedTrainLoop` (exact resumption without
     loading the batches trained before the checkpoint); returns whether it did."""
-    train_cfg = cfg.get('train_cfg')
-    if not isinstance(train_cfg, dict):
-        return False
-    loop_type = train_cfg.get('type')
-    if loop_type in ('IterBasedTrainLoop', 'mmengine.IterBasedTrainLoop') or (
-            loop_type is None and train_cfg.get('by_epoch') is False):
-        train_cfg.pop('by_epoch', None)
-        train_cfg['type'] = 'mmeformer.ResumableIterBasedTrainLoop'
-        return True
-    return False
+    return _use_resumable_loop(cfg, by_epoch=False)
 
 
 def restore_resume_seed(cfg: Config) -> Optional[int]:
