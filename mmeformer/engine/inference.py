@@ -124,19 +124,22 @@ def infer(config: str,
         from mmdet.apis import DetInferencer  # optional: only detector configs need mmdet
         inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
                                    show_progress=False)
+
+        def predict(image):
+            return _detect(inferencer, image, out_dir, score_thr)
     elif cfg.default_scope == 'mmseg':
         from mmseg.apis import MMSegInferencer  # optional: only segmentor configs need mmseg
         inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device)
         inferencer.show_progress = False  # the progress bar below covers the whole folder
+
+        def predict(image):
+            return _segment(inferencer, image, out_dir)
     else:
         raise LaunchError(f'{config}: default_scope {cfg.default_scope!r} is neither mmdet nor '
                           f'mmseg, so there is no inferencer for it')
     results = []
     for image in track(images, description='Inference'):
-        if cfg.default_scope == 'mmdet':
-            pred = _detect(inferencer, image, out_dir, score_thr)
-        else:
-            pred = _segment(inferencer, image, out_dir)
+        pred = predict(image)
         results.append(dict(image=image, vis=osp.join(out_dir, 'vis', osp.basename(image)),
                             pred=pred))
     return results
