@@ -100,11 +100,17 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = DEFAU
                 report.measurements.append(Measurement(
                     variant, impl, runtime, size[0], size[1], batch, threads, dtype,
                     round(median, 2), round(p90, 2), round(params / 1e6, 3),
-                    round(macs / 1e9, 4), round(achieved, 1), round(achieved / group_peak, 4),
-                    round(group_peak, 1), note))
+                    _significant(macs / 1e9), round(achieved, 1),
+                    _significant(achieved / group_peak), round(group_peak, 1), note))
                 progress(f'[{index}/{len(plan)}] {variant} {size[0]}x{size[1]} b{batch} '
                          f'{impl}/{runtime}: {median:.1f} ms (p90 {p90:.1f})')
     return report
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    """Round to significant digits, not decimals: at tiny test sizes GMACs and matmul shares are
+    around 1e-3, where four decimals would keep a single digit."""
+    return float(f'{value:.{digits}g}')
 
 
 # -- writing ---------------------------------------------------------------------------------
