@@ -20,7 +20,7 @@ setup: $(EDITABLE_STAMP)
 
 # torch: '===' skips a local 2.13.0+cpu wheel on which torchvision's ops do not load.
 # setuptools < 81: mmcv's setup.py and mmengine's mmdet::/mmseg:: config lookup need pkg_resources.
-$(STACK_STAMP): requirements/stack.txt Makefile
+$(STACK_STAMP): requirements/stack.txt requirements/deploy.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q 'setuptools>=77.0.3,<81' wheel ninja
 	$(PY) -m pip install -q 'torch===$(TORCH_VERSION)' 'torchvision==$(TORCHVISION_VERSION)'
@@ -33,6 +33,7 @@ $(STACK_STAMP): requirements/stack.txt Makefile
 	fi
 	$(PY) -m pip install -q $(MMCV_WHEEL_DIR)/mmcv-$(MMCV_VERSION)-*.whl
 	$(PY) -m pip install -q -r requirements/stack.txt
+	$(PY) -m pip install -q -r requirements/deploy.txt
 	$(PY) -c "import mmcv.ops, torchvision.ops; print('mmcv ops OK')"
 	@touch $@
 
@@ -41,7 +42,7 @@ $(EDITABLE_STAMP): $(STACK_STAMP) setup.py
 	@touch $@
 
 test: setup
-	$(PY) -m pytest tests -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -rs -n 2 $(PYTEST_ARGS)
 
 doctor: setup
 	$(PY) -m mmeformer.doctor

@@ -15,6 +15,8 @@ EXTRAS = {
     'det': ['mmdet==3.3.0', MMCV],
     'seg': ['mmsegmentation==1.2.2', MMCV, 'ftfy', 'regex'],
     'export': ['onnx', 'onnxruntime'],
+    # OpenVINO (+ NNCF for int8) and LiteRT (litert-torch converts, ai-edge-litert runs).
+    'deploy': ['onnx', 'onnxruntime', 'openvino', 'nncf', 'litert-torch', 'ai-edge-litert'],
     'benchmark': ['timm', 'onnx', 'onnxruntime', 'matplotlib'],
     'tests': ['pytest', 'pytest-xdist', 'timm', 'onnx', 'onnxruntime'],
 }

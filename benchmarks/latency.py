@@ -19,7 +19,7 @@ from mmeformer.models import arch_names
 
 from .allocator import keep_freed_memory
 from .plot import plot
-from .references import candidates
+from .references import EXPORTED, INT8_SUFFIX, RUNTIMES, candidates
 from .timing import (MATMUL_SIZE, environment, gflop_per_s, matmul_gflops, square_matmul,
                      time_interleaved)
 
@@ -129,7 +129,8 @@ def to_markdown(report: Report) -> str:
                  f'of the last column' if group_peaks else '')
     device = env['device'] + (f" ({env['gpu']})" if env.get('gpu') else '')
     lines = [f"Machine: {env['cpu']}, {env['threads']} threads, device {device}, torch "
-             f"{env['torch']}, onnxruntime {env['onnxruntime']}; {dtypes} matmul "
+             f"{env['torch']}, onnxruntime {env['onnxruntime']}, openvino {env.get('openvino')}, "
+             f"ai-edge-litert {env.get('ai_edge_litert')}; {dtypes} matmul "
              f'({MATMUL_SIZE}^3) at the start of the run: {_rate(report.matmul_gflops)} GFLOP/s'
              f"{alongside}; {env.get('allocator', 'allocator not recorded')}.", '',
              '| variant | implementation | runtime | size | batch | median ms | p90 ms | params M '
@@ -142,7 +143,38 @@ def to_markdown(report: Report) -> str:
     speedups = speedup_lines(report)
     if speedups:
         lines += ['', 'Ratios in this run (median latencies):'] + speedups
+    fastest = fastest_lines(report)
+    if fastest:
+        lines += ['', 'Fastest verified runtime per backbone and size (float32 exports are '
+                  'checked to 1e-4 of PyTorch, int8 exports are quantized):'] + fastest
     return '\n'.join(lines) + '\n'
+
+
+def fastest_lines(report: Report) -> List[str]:
+    """Per variant, size and batch: mmeformer's fastest float32 runtime against the official
+    code's forward (when timed) and eager, and its fastest int8 runtime against float32 eager."""
+    lines = []
+    settings = sorted({(m.variant, m.height, m.width, m.batch) for m in report.measurements})
+    for variant, height, width, batch in settings:
+        rows = [m for m in report.measurements
+                if (m.variant, m.height, m.width, m.batch) == (variant, height, width, batch)]
+        ours = [m for m in rows if m.implementation == 'mmeformer']
+        eager = next((m for m in ours if m.runtime == 'eager'), None)
+        official = next((m for key in OFFICIAL for m in rows
+                         if (m.implementation, m.runtime) == key), None)
+        parts = []
+        for label, group in (('float32', [m for m in ours if not m.runtime.endswith(
+                INT8_SUFFIX)]), ('int8', [m for m in ours if m.runtime.endswith(INT8_SUFFIX)])):
+            if not group:
+                continue
+            best = min(group, key=lambda m: m.median_ms)
+            against = [f'{ref.median_ms / best.median_ms:.2f}x {name}' for ref, name in (
+                (official, official and official.implementation), (eager, 'eager float32'))
+                if ref is not None and (label == 'float32' or ref is eager)]
+            parts.append(f'{label} {best.runtime} {best.median_ms:.1f} ms'
+                         + (f' ({", ".join(against)})' if against else ''))
+        lines.append(f'- {variant} {height}x{width} b{batch}: ' + '; '.join(parts))
+    return lines
 
 
 # (implementation, runtime) pairs compared in the ratios: (faster candidate, reference).
@@ -151,7 +183,11 @@ RATIO_PAIRS = ((('mmeformer', 'eager'), ('official (re-implemented)', 'eager')),
                (('mmeformer', 'eager'), ('timm', 'eager')),
                (('mmeformer', 'fused'), ('mmeformer', 'eager')),
                (('mmeformer', 'compile'), ('mmeformer', 'eager')),
-               (('mmeformer', 'onnxruntime'), ('mmeformer', 'eager')))
+               *((('mmeformer', runtime), ('mmeformer', 'eager')) for runtime in RUNTIMES
+                 if runtime.removesuffix(INT8_SUFFIX) in EXPORTED))
+# The official code's forward, where the run has it: the re-implementation of the official
+# dense code (V1 / V2 at detection / segmentation sizes), else timm's port.
+OFFICIAL = (('official (re-implemented)', 'eager'), ('timm', 'eager'))
 
 
 def ratio_lines(rows: Sequence, settings: Sequence, setting_of: Callable, ms_of: Callable,

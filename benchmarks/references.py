@@ -8,12 +8,17 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 
 from mmeformer.builder import build_model
-from mmeformer.export import export_onnx
+from mmeformer.export import FORMATS, calibration_inputs, export_backbone, load_runtime
 from mmeformer.models import fuse
 
 from .official_reference import build_official_reference
 
-RUNTIMES = ('eager', 'fused', 'compile', 'onnxruntime')
+# Deployment runtimes and the export format each runs (fused, fixed-size files).
+EXPORTED = {'onnxruntime': 'onnx', 'openvino': 'openvino', 'litert': 'litert'}
+INT8_SUFFIX = '-int8'
+RUNTIMES = ('eager', 'fused', 'compile', *EXPORTED, *(r + INT8_SUFFIX for r in EXPORTED))
+# Latency does not depend on the calibration set; a few images keep int8 exports quick.
+BENCHMARK_CALIBRATION_IMAGES = 4
 
 
 def official_bias_img_size(size: Tuple[int, int]) -> int:
@@ -78,20 +83,19 @@ def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
         elif runtime == 'compile':
             compiled = torch.compile(fuse(copy.deepcopy(base)), dynamic=False)
             items.append(('mmeformer', 'compile', compiled, 'torch.compile (inductor)'))
-        elif runtime == 'onnxruntime':
-            import onnxruntime as ort  # an extra: only this runtime needs it
-            path = os.path.join(workdir, f'{variant}_{size[0]}x{size[1]}.onnx')
-            # export_onnx freezes the attention biases of the size itself.
-            export_onnx(fuse(copy.deepcopy(base)), path, size, dynamic=False)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            # ONNX Runtime's idle threads spin by default; timed in rounds with the other
-            # candidates, they took the cores from the next one (eager measured 2x slower).
-            options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-            session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-            items.append(('mmeformer', 'onnxruntime',
-                          lambda x, s=session: s.run(None, {'image': x.cpu().numpy()}),
-                          'static-size fused export'))
+        elif runtime.removesuffix(INT8_SUFFIX) in EXPORTED:
+            fmt = EXPORTED[runtime.removesuffix(INT8_SUFFIX)]
+            int8 = runtime.endswith(INT8_SUFFIX)
+            path = os.path.join(workdir, f'{variant}_{size[0]}x{size[1]}_{runtime}'
+                                f'{FORMATS[fmt].suffix}')
+            calibration = (calibration_inputs(size, count=BENCHMARK_CALIBRATION_IMAGES)
+                           if int8 else None)
+            # The exporters freeze the attention biases of the size themselves.
+            export_backbone(fuse(copy.deepcopy(base)), fmt, path, size, int8=int8,
+                            calibration=calibration)
+            run = load_runtime(fmt, path, torch.get_num_threads())
+            items.append(('mmeformer', runtime, lambda x, run=run: run(x.cpu().numpy()),
+                          f'static-size fused export{", int8" if int8 else ""}'))
         else:
             raise ValueError(f'unknown runtime {runtime!r}; choose from {RUNTIMES}')
     if compare:

@@ -4,6 +4,7 @@ import os
 import platform
 import statistics
 import time
+from importlib import metadata
 from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
 import torch
@@ -24,6 +25,11 @@ def environment(device: str, threads: int) -> Dict:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
+    for dist in ('openvino', 'ai-edge-litert'):  # by distribution: importing litert is slow
+        try:
+            versions[dist.replace('-', '_')] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist.replace('-', '_')] = None
     env = dict(cpu=cpu, cores=os.cpu_count(), threads=threads, device=device,
                python=platform.python_version(), allocator=allocator_description(), **versions)
     if device == 'cuda':

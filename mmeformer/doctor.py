@@ -8,6 +8,14 @@ PINNED = {'torch': '2.13.0', 'torchvision': '0.28.0', 'mmcv': '2.1.0', 'mmengine
           'mmdet': '3.3.0', 'mmsegmentation': '1.2.2', 'timm': '1.0.31'}
 REPORTED = ['torch', 'torchvision', 'mmcv', 'mmengine', 'mmdet', 'mmsegmentation', 'timm',
             'setuptools', 'numpy', 'onnx', 'onnxruntime', 'coremltools', 'safetensors']
+# The deployment runtimes: (what tools/export.py --format / tools/test.py --backbone-runtime
+# call it, the distributions it needs, the module whose import proves it usable).
+RUNTIMES = [
+    ('onnxruntime', ['onnx', 'onnxruntime'], 'onnxruntime.quantization'),
+    ('openvino', ['openvino', 'nncf'], 'nncf'),
+    ('litert', ['litert-torch', 'ai-edge-litert'], 'ai_edge_litert.interpreter'),
+    ('coreml', ['coremltools'], None),  # importing it prints lines about its missing macOS libs
+]
 
 
 def _version(dist):
@@ -95,11 +103,34 @@ def diagnose():
     return versions, problems, notes
 
 
+def runtime_status():
+    """(runtime, 'usable' or why not) for each deployment runtime. Not problems: the
+    backbones, training and testing work without them (they are the ``deploy`` extra)."""
+    status = []
+    for name, dists, module in RUNTIMES:
+        missing = [d for d in dists if _version(d) is None]
+        if missing:
+            status.append((name, f'not installed ({", ".join(missing)}): pip install '
+                                 f"'mmeformer[deploy]' (make setup installs it)"))
+            continue
+        try:
+            if module:
+                importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - any failure makes it unusable here
+            status.append((name, f'installed but not usable: import {module} fails ({err})'))
+            continue
+        note = ' (converts here; prediction needs macOS)' if name == 'coreml' else ''
+        status.append((name, f'usable{note}: ' + ', '.join(f'{d} {_version(d)}' for d in dists)))
+    return status
+
+
 def main():
     versions, problems, notes = diagnose()
     print(f'python {sys.version.split()[0]}')
     for name, version in versions.items():
         print(f'{name:16s} {version or "not installed"}')
+    for name, status in runtime_status():
+        print(f'runtime {name:12s} {status}')
     for note in notes:
         print(f'note: {note}')
     for problem in problems:

@@ -1,15 +1,27 @@
 #!/usr/bin/env python
-"""Export a backbone (optionally with its neck) to ONNX, TorchScript or CoreML and check it.
+"""Export a backbone (optionally with its neck) and check it in its runtime.
 
     python tools/export.py efficientformerv2_s0 --format onnx --shape 512 512 --dynamic \
         --out outputs/export/s0.onnx
+    python tools/export.py efficientformer_l1 --format litert --shape 512 512 --nhwc \
+        --out outputs/export/l1.tflite
+    python tools/export.py efficientvit_m4 --format openvino --int8 --calib-images DIR \
+        --shape 512 512 --out outputs/export/m4_int8.xml
 
 ARCH is one of efficientformer_{l1,l3,l7}, efficientformerv2_{s0,s1,s2,l}, efficientvit_m{0..5},
-or a detection / segmentation config (its backbone; with --with-neck also its neck). After the
-export the file is run (ONNX Runtime / TorchScript) at the export size and, for a dynamic export,
-at two more sizes; the largest relative difference against PyTorch is printed and the exit
-status is 1 above 1e-4. CoreML packages are converted on Linux and checked by inspecting their
-spec (prediction needs macOS).
+or a detection / segmentation config (its backbone; with --with-neck also its neck).
+
+Formats: onnx (ONNX Runtime), openvino (IR .xml + .bin, OpenVINO CPU plugin in float32),
+litert (.tflite, LiteRT interpreter with XNNPACK), torchscript, coreml (.mlpackage; converted
+on Linux and checked by inspecting its spec, since prediction needs macOS). --dynamic (any
+batch and size): onnx and openvino. --nhwc (channels-last input and outputs): litert.
+
+After the export the file is run in its runtime at the export size and, for a dynamic export,
+at two more sizes. float32: the largest relative difference per level against PyTorch is
+printed, exit status 1 above 1e-4. --int8 (onnx: QDQ with per-channel weights; openvino: NNCF;
+litert: PT2E; calibrated on --calib-count images of --calib-images, default generated toy
+images): the relative difference and the cosine similarity per level on calibration-like images
+are printed, exit status 1 when a level's cosine similarity is below 0.99.
 """
 import sys
 
@@ -20,13 +32,21 @@ from mmeformer.builder import build_model
 from mmeformer.cli import doc_parser
 from mmeformer.models import fuse
 
+INT8_MIN_COSINE = 0.99
+
 
 def parse_args(argv=None):
     parser = doc_parser(__doc__)
     parser.add_argument('arch', help='arch name or config file')
-    parser.add_argument('--format', choices=['onnx', 'torchscript', 'coreml'], default='onnx')
+    parser.add_argument('--format', choices=list(export.FORMATS), default='onnx')
     parser.add_argument('--shape', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'))
-    parser.add_argument('--dynamic', action='store_true', help='ONNX: dynamic batch, H and W')
+    parser.add_argument('--dynamic', action='store_true', help='any batch, H and W')
+    parser.add_argument('--nhwc', action='store_true', help='channels-last input and outputs')
+    parser.add_argument('--int8', action='store_true',
+                        help='post-training static int8 quantization')
+    parser.add_argument('--calib-images', metavar='DIR',
+                        help='calibration images for --int8 (default: generated toy images)')
+    parser.add_argument('--calib-count', type=int, default=32, metavar='N')
     parser.add_argument('--checkpoint', help='weights to load (any supported checkpoint)')
     parser.add_argument('--with-neck', action='store_true', help='export backbone + neck')
     parser.add_argument('--no-fuse', action='store_true', help='keep BatchNorms unfused')
@@ -36,13 +56,14 @@ def parse_args(argv=None):
                              'tensor: float input, normalised by the caller')
     parser.add_argument('--out', required=True)
     args = parser.parse_args(argv)
-    if args.dynamic and args.format != 'onnx':
-        parser.error('--dynamic applies to ONNX only')
-    if args.format == 'coreml':
-        try:  # checked now, not after a model is built and traced
+    try:  # checked now, not after a model is built and traced
+        export.check_request(args.format, args.dynamic, args.int8, args.nhwc)
+        if args.format == 'coreml':
             args.out = export.coreml_package_path(args.out)
-        except ValueError as err:
-            parser.error(f'--out: {err}')
+    except ValueError as err:
+        parser.error(str(err))
+    if (args.calib_images or args.calib_count != 32) and not args.int8:
+        parser.error('--calib-images / --calib-count apply to --int8 only')
     if min(args.shape) < 32:
         parser.error('--shape must be at least 32x32')
     return args
@@ -54,39 +75,50 @@ def main(argv=None):
     shape = tuple(args.shape)
     try:
         model = build_model(args.arch, args.checkpoint, args.with_neck)
-    except ValueError as err:  # unknown arch, a config error naming the key (ConfigError)
+        if not args.no_fuse:
+            fuse(model)  # the exporters freeze the attention biases of a fixed size themselves
+        calibration = (export.calibration_inputs(shape, args.calib_images, args.calib_count)
+                       if args.int8 else None)
+        summary = export.export_backbone(
+            model, args.format, args.out, shape, dynamic=args.dynamic, int8=args.int8,
+            calibration=calibration, nhwc=args.nhwc, opset=args.opset,
+            image_input=args.coreml_input == 'image')
+    except (ValueError, RuntimeError) as err:  # unknown arch, config, export or converter error
         print(f'error: {err}', file=sys.stderr)
         return 2
-    if not args.no_fuse:
-        fuse(model)  # the exporters freeze the attention biases of a fixed size themselves
-    sizes = export.check_sizes(shape, args.dynamic)
-    batch = 2 if args.dynamic else 1  # a dynamic export's batch axis is dynamic too
-    if args.format == 'onnx':
-        names = export.export_onnx(model, args.out, shape, args.dynamic, args.opset)
-        errors = export.verify_onnx(model, args.out, sizes, batch)
-        print(f'ONNX opset {args.opset} (TorchScript-based exporter), outputs {names}')
-    elif args.format == 'torchscript':
-        export.export_torchscript(model, args.out, shape)
-        errors = export.verify_torchscript(model, args.out, sizes)
-    else:
-        try:
-            summary = export.export_coreml(model, args.out, shape, args.coreml_input == 'image')
-        except RuntimeError as err:
-            print(f'error: {err}', file=sys.stderr)
-            return 2
+    if args.format == 'coreml':
         print(f'CoreML mlprogram written to {args.out}: inputs {summary["inputs"]}, outputs '
               f'{summary["outputs"]}, {len(summary["ops"])} op types')
         resizes = [op for op in summary['ops'] if 'resize' in op or 'upsample' in op]
         print(f'resize/upsample ops: {resizes or "none"}')
         return 0
-    worst = max(errors.values())
-    for size, err in errors.items():
-        print(f'  {size[0]}x{size[1]}, batch {batch}: max relative difference vs PyTorch '
-              f'{err:.2e}')
-    status = 'OK' if worst <= export.TOLERANCE else 'FAILED'
-    print(f'{status}: largest difference {worst:.2e} (limit {export.TOLERANCE:.0e}); '
-          f'wrote {args.out}')
-    return 0 if worst <= export.TOLERANCE else 1
+    batch = 2 if args.dynamic else 1  # a dynamic export's batch axis is dynamic too
+    sizes = export.check_sizes(shape, args.dynamic)
+    # int8: checked on images (4 per size, like the calibration's); errors on noise say little.
+    inputs = ((lambda size: export.calibration_inputs(size, args.calib_images, 4))
+              if args.int8 else None)
+    errors = export.verify_export(model, args.format, args.out, sizes, batch, args.nhwc, inputs)
+    print(f'{args.format}{" int8" if args.int8 else ""} export of {args.arch} written to '
+          f'{args.out}; outputs {export.output_names(model, shape)}')
+    for size, levels in errors.items():
+        print(f'  {size[0]}x{size[1]}, batch {batch}: relative difference per level '
+              f'{_row(levels["relative"], ".1e")}, cosine similarity '
+              f'{_row(levels["cosine"], ".5f")}')
+    worst = export.per_level(errors)
+    if args.int8:
+        ok = min(worst['cosine']) >= INT8_MIN_COSINE
+        print(f'{"OK" if ok else "FAILED"}: smallest cosine similarity '
+              f'{min(worst["cosine"]):.5f} (limit {INT8_MIN_COSINE}); largest relative '
+              f'difference {max(worst["relative"]):.2e}')
+    else:
+        ok = max(worst['relative']) <= export.TOLERANCE
+        print(f'{"OK" if ok else "FAILED"}: largest difference {max(worst["relative"]):.2e} '
+              f'(limit {export.TOLERANCE:.0e}); wrote {args.out}')
+    return 0 if ok else 1
+
+
+def _row(values, fmt):
+    return '[' + ', '.join(format(v, fmt) for v in values) + ']'
 
 
 if __name__ == '__main__':

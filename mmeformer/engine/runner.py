@@ -423,11 +423,19 @@ def check_checkpoint_for(cfg: Config, checkpoint: str) -> None:
     check_checkpoint_bias_mode(cfg, loaded, checkpoint)
 
 
-def test(cfg: Config, checkpoint: str) -> Dict[str, float]:
-    """Evaluate ``checkpoint`` with ``cfg``'s test loop; returns the metrics."""
+def test(cfg: Config, checkpoint: str,
+         backbone_runtime: Optional[Dict] = None) -> Dict[str, float]:
+    """Evaluate ``checkpoint`` with ``cfg``'s test loop; returns the metrics.
+    ``backbone_runtime``: the arguments of :class:`~mmeformer.engine.DeployedBackboneHook`
+    (``runtime``, ``int8``, ...), to compute the backbone with a deployment runtime."""
     check_checkpoint_for(cfg, checkpoint)  # the Runner then loads it onto the model
     cfg.load_from = checkpoint
     cfg.resume = False
+    if backbone_runtime:
+        if cfg.get('launcher', 'none') != 'none':
+            raise LaunchError('--backbone-runtime evaluates in one process: drop --launcher')
+        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+            dict(type='mmeformer.DeployedBackboneHook', **backbone_runtime)]
     runner = build_runner(cfg)
     metrics = runner.test()
     del runner

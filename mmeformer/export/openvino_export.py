@@ -1,0 +1,53 @@
+"""OpenVINO: an IR (``.xml`` + ``.bin``) converted from the PyTorch module, run on the CPU
+plugin, and int8 quantization with NNCF's post-training quantization."""
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .common import output_names, require, set_attention_biases_for_export
+
+
+def convert_openvino(model: nn.Module, shape: Tuple[int, int], dynamic: bool):
+    """The in-memory ``openvino.Model``, its input named ``image`` and outputs like ONNX's."""
+    ov = require('openvino', 'openvino')
+    set_attention_biases_for_export(model, shape, dynamic)
+    names = output_names(model, shape)
+    spec = [-1, 3, -1, -1] if dynamic else [1, 3, *shape]
+    with torch.no_grad():
+        converted = ov.convert_model(model, example_input=torch.randn(1, 3, *shape),
+                                     input=[ov.PartialShape(spec)])
+    converted.inputs[0].get_tensor().set_names({'image'})
+    for output, name in zip(converted.outputs, names):
+        output.get_tensor().set_names({name})
+    return converted
+
+
+def save_openvino(converted, path: str) -> None:
+    ov = require('openvino', 'openvino')
+    # save_model halves the weights to float16 unless told not to.
+    ov.save_model(converted, path, compress_to_fp16=False)
+
+
+def quantize_openvino(converted, calibration: Sequence[np.ndarray]):
+    """NNCF post-training int8 quantization, with the transformer model type that keeps
+    Softmax, LayerNorm and the other precision-sensitive ops of attention in float."""
+    nncf = require('nncf', 'openvino --int8')
+    return nncf.quantize(converted, nncf.Dataset(list(calibration)),
+                         model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+
+
+def openvino_model(path: str, threads: int) -> Callable[[np.ndarray], List[np.ndarray]]:
+    ov = require('openvino', 'openvino')
+    # float32 asked for: on CPUs with bfloat16 / AMX units the plugin picks a reduced
+    # inference precision by default, and the outputs then differ by 1e-2.
+    compiled = ov.Core().compile_model(path, 'CPU', {
+        'INFERENCE_PRECISION_HINT': 'f32', 'INFERENCE_NUM_THREADS': threads,
+        'PERFORMANCE_HINT': 'LATENCY'})
+    request = compiled.create_infer_request()
+
+    def run(x):
+        results = request.infer({0: x})
+        return [np.array(results[output]) for output in compiled.outputs]
+    return run
