@@ -11,8 +11,8 @@ from mmeformer.models import fuse
 from mmeformer.models.layers import eval_cache_bytes
 
 from .allocator import release_freed_memory
-from .official_reference import build_official_reference
 from .references import reference_builders
+from .training import autocast, build_train_model
 
 
 def _resident_bytes() -> int:
@@ -97,27 +97,25 @@ def eval_memory(variant: str, size: Tuple[int, int], implementation: str = 'mmef
 
 
 def train_step_memory(variant: str, size: Tuple[int, int], batch: int = 2,
-                      implementation: str = 'mmeformer', device: str = 'cpu') -> Dict:
-    """Peak memory of one training step (forward + backward of ``sum(mean(feature))``).
+                      implementation: str = 'mmeformer', device: str = 'cpu',
+                      dtype: str = 'float32') -> Dict:
+    """Peak memory of one training step (forward + backward of ``sum(mean(feature))``; with
+    ``dtype='bfloat16'`` the forward under CPU autocast) of ``implementation`` ('mmeformer',
+    'official (re-implemented)', with the official bias grid of the size, or 'timm').
 
     CUDA: peak allocated bytes above those held before the step. CPU: the peak resident set
     during the step above the resident set before it, glibc's free heap memory returned to the
     kernel first (Linux); run each measurement in a fresh process (``tools/benchmark.py
     --train-memory`` does).
     """
-    if implementation == 'mmeformer':
-        model = build_model(variant)
-    elif implementation == 'official (re-implemented)':
-        family = build_model(variant).family
-        model = build_official_reference(family, variant.split('_', 1)[1], 800)
-    else:
-        raise ValueError(f'unknown implementation {implementation!r}')
-    model = model.to(device).train()
+    model = build_train_model(variant, implementation, size).to(device)
     x = torch.randn(batch, 3, *size, device=device)
     before = _start_memory_count(device, 'training')
     start = time.perf_counter()
-    sum(f.float().mean() for f in model(x)).backward()
+    with autocast(dtype):
+        levels = model(x)
+    sum(f.float().mean() for f in levels).backward()
     peak = _peak_memory_since(device, before)
     return dict(variant=variant, implementation=implementation, height=size[0], width=size[1],
-                batch=batch, device=device, peak_mib=round(peak / 2 ** 20, 1),
+                batch=batch, device=device, dtype=dtype, peak_mib=round(peak / 2 ** 20, 1),
                 step_s=round(time.perf_counter() - start, 2))

@@ -24,6 +24,18 @@ detection test sizes (keep-ratio resize into 1333x800, padded to 32; see
 benchmarks/size_stream.py), each through every candidate in turn, and reports
 the mean time per image and the bytes of attention biases cached at the end: what an
 evaluation pays for new input sizes, which a fixed-size run never shows.
+
+--train (CPU, batch 2 unless --batch-sizes) instead times the training step of each backbone
+(train mode, forward, backward from dense level gradients, AdamW step; see
+benchmarks/training.py) at 512x512 and 800x1344, in float32 and CPU bfloat16 autocast
+(--train-dtypes), against the official code's re-implementation (V1 / V2) or timm (EfficientViT)
+in interleaved rounds, with GFLOP/s (3x the forward MACs) and, unless --no-peak-memory, the
+peak memory of forward + backward measured per candidate in a fresh process. --train-detector
+times a toy Mask R-CNN's training iteration per family (--configs) split into backbone, neck
+and the rest, beside the reference backbone:
+
+    python tools/benchmark.py --train --variants efficientformer_l1 efficientvit_m4
+    python tools/benchmark.py --train-detector
 """
 import json
 import os
@@ -38,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the lab (benchmarks/) sits beside the package, not installed
 
-from benchmarks import latency, profiling, references  # noqa: E402
+from benchmarks import latency, profiling, references, training  # noqa: E402
 from benchmarks import size_stream as stream  # noqa: E402
 from mmeformer.builder import build_model  # noqa: E402
 from mmeformer.cli import doc_parser, image_size  # noqa: E402
@@ -56,7 +68,12 @@ def main(argv=None):
     parser = doc_parser(__doc__)
     parser.add_argument('--variants', nargs='+', choices=arch_names(), metavar='ARCH')
     parser.add_argument('--sizes', nargs='+', type=image_size, metavar='HxW')
-    parser.add_argument('--runtimes', nargs='+', choices=references.RUNTIMES)
+    parser.add_argument('--runtimes', nargs='+', choices=references.RUNTIMES,
+                        help='eager, fused, compile, and the deployment runtimes '
+                        '(fused fixed-size exports): onnxruntime, openvino, litert, each also '
+                        'as NAME-int8')
+    parser.add_argument('--int8', action='store_true', help='add the int8 export of each '
+                        'deployment runtime timed (onnxruntime-int8, ...)')
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1])
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
@@ -88,6 +105,19 @@ def main(argv=None):
                         help="latency runs: 'kept' (default) keeps freed memory in glibc's heap "
                         "for this process, for every implementation alike (see "
                         "benchmarks/allocator.py); 'default' leaves glibc's settings")
+    parser.add_argument('--train', action='store_true',
+                        help='instead of latency: the training step against the official code '
+                        '(see below)')
+    parser.add_argument('--train-dtypes', nargs='+', choices=training.TRAIN_DTYPES,
+                        default=list(training.TRAIN_DTYPES), help='--train: step dtypes')
+    parser.add_argument('--no-peak-memory', action='store_true',
+                        help='--train: skip the peak-memory processes')
+    parser.add_argument('--train-detector', action='store_true',
+                        help='instead of latency: a toy Mask R-CNN training iteration split into '
+                        'backbone, neck and the rest (see below)')
+    parser.add_argument('--configs', nargs='+', metavar='CONFIG',
+                        default=list(training.DETECTOR_CONFIGS),
+                        help='--train-detector: the configs (default: one toy per family)')
     parser.add_argument('--out', default='outputs/benchmark')
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -96,6 +126,10 @@ def main(argv=None):
         parser.error('float16 on CPU is not a meaningful benchmark; use bfloat16 or --device cuda')
     if args.train_memory:
         return train_memory(args)
+    if args.train or args.train_detector:
+        if args.device != 'cpu':
+            parser.error('--train / --train-detector time CPU training steps')
+        return train_detector(args) if args.train_detector else train_speed(args)
     if args.eval_memory:
         if set(args.runtimes or ()) - {'eager', 'fused'}:
             parser.error('--eval-memory measures the eager and fused runtimes only')
@@ -110,8 +144,13 @@ def main(argv=None):
     for key in ('variants', 'sizes', 'runtimes', 'warmup', 'repeats'):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    if args.device == 'cuda' and 'onnxruntime' in settings['runtimes']:
-        settings['runtimes'] = [r for r in settings['runtimes'] if r != 'onnxruntime']
+    if args.int8:
+        settings['runtimes'] = list(dict.fromkeys(settings['runtimes'] + [
+            r + references.INT8_SUFFIX for r in settings['runtimes'] if r in references.EXPORTED]))
+    if args.device == 'cuda':  # the deployment runtimes are timed on CPU
+        settings['runtimes'] = [r for r in settings['runtimes']
+                                if r.removesuffix(references.INT8_SUFFIX)
+                                not in references.EXPORTED]
     report = latency.run(batch_sizes=args.batch_sizes, threads=args.threads,
                            device=args.device, dtype=args.dtype, compare=args.compare,
                            keep_memory=args.malloc == 'kept',
@@ -167,9 +206,10 @@ def size_stream(args, parser) -> int:
     return 0
 
 
-def _in_fresh_processes(calls: List[str], threads: int) -> List[dict]:
+def _in_fresh_processes(calls: List[str], threads: int, keep_failed: bool = False) -> List[dict]:
     """Run each :mod:`benchmarks.memory` call (Python source returning a dict) in its own
-    process (a process's peak resident set only grows); the rows of those that succeeded."""
+    process (a process's peak resident set only grows); the rows of those that succeeded (with
+    ``keep_failed``, None in place of those that failed)."""
     rows = []
     for call in calls:
         code = (f'import json, sys, torch; sys.path.insert(0, {str(ROOT)!r}); '
@@ -178,6 +218,8 @@ def _in_fresh_processes(calls: List[str], threads: int) -> List[dict]:
         done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
         if done.returncode != 0:
             print(f'{call}: failed: {done.stderr.strip().splitlines()[-1]}', flush=True)
+            if keep_failed:
+                rows.append(None)
             continue
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
@@ -193,6 +235,37 @@ def _write_table(args, name: str, lines: List[str]) -> None:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))
     print(f'wrote md: {path}')
+
+
+def train_speed(args) -> int:
+    batch = args.batch_sizes[0] if args.batch_sizes != [1] else 2
+    env, rows = training.run(args.variants, args.sizes or training.TRAIN_SIZES,
+                             args.train_dtypes, batch, args.threads, args.warmup or 1,
+                             args.repeats or 5, keep_memory=args.malloc == 'kept',
+                             progress=lambda line: print(line, flush=True))
+    if not args.no_peak_memory:
+        calls = [f'train_step_memory({r.variant!r}, ({r.height}, {r.width}), {batch}, '
+                 f'{r.implementation!r}, dtype={r.dtype!r})' for r in rows]
+        for row, peak in zip(rows, _in_fresh_processes(calls, args.threads, keep_failed=True)):
+            row.peak_mib = None if peak is None else peak['peak_mib']
+    write_report(args.out, 'training', training.to_markdown(env, rows),
+                 dict(environment=env, results=[asdict(r) for r in rows],
+                      ratios=training.ratios(rows)))
+    return 0
+
+
+def train_detector(args) -> int:
+    rows = []
+    for config in args.configs:
+        rows.append(training.detector_breakdown(config, args.warmup or 1, args.repeats or 5,
+                                                args.threads, args.malloc == 'kept'))
+        print(f'{config}: {rows[-1]}', flush=True)
+    env = training.environment('cpu', args.threads)
+    write_report(args.out, 'training_detector', training.detector_markdown(env, rows),
+                 dict(environment=env, results=[dict(asdict(r), backbone_ratio=r.backbone_ratio,
+                                                     iteration_ratio=r.iteration_ratio)
+                                                for r in rows]))
+    return 0
 
 
 def train_memory(args) -> int:
