@@ -42,7 +42,7 @@ $(EDITABLE_STAMP): $(STACK_STAMP) setup.py
 	@touch $@
 
 test: setup
-	$(PY) -m pytest tests -q -rs -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -rs -n 2 --durations=30 $(PYTEST_ARGS)
 
 doctor: setup
 	$(PY) -m mmeformer.doctor

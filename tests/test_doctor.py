@@ -194,3 +194,16 @@ def test_several_problems_are_all_printed(monkeypatch, capsys):
     assert [line for line in out if line.startswith('PROBLEM: ')] == [
         f'PROBLEM: {p}' for p in problems]
     assert out[-1] == '3 problem(s) found.'
+
+
+def test_runtimes_are_reported_installed_usable_or_with_the_install_command(monkeypatch):
+    status = dict(doctor.runtime_status())
+    assert status['openvino'].startswith('usable: openvino ')  # make setup installs the extra
+    set_versions(monkeypatch, ai_edge_litert=None)
+    fail_imports(monkeypatch, nncf=ImportError('libopenvino.so: cannot open shared object'))
+    status = dict(doctor.runtime_status())
+    assert status['litert'] == ("not installed (ai-edge-litert): pip install 'mmeformer[deploy]' "
+                                '(make setup installs it)')
+    assert status['openvino'] == ('installed but not usable: import nncf fails '
+                                  '(libopenvino.so: cannot open shared object)')
+    assert status['onnxruntime'].startswith('usable: onnx ')
