@@ -32,3 +32,14 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
             else:
                 value.copy_(0.1 * noise)
     return module
+
+
+def gradients_as_state_dict(module: nn.Module) -> dict:
+    """``module.state_dict()`` with every parameter's gradient in place of its value (zeros where
+    none flowed). Converted like a checkpoint of ``module``'s implementation, it puts each
+    gradient where another implementation keeps the same parameter: the converters only rename,
+    reshape and split tensors, which maps gradients as it maps values."""
+    state = module.state_dict()
+    for name, param in module.named_parameters():
+        state[name] = torch.zeros_like(param) if param.grad is None else param.grad.detach()
+    return state

@@ -1,7 +1,9 @@
 """The plain re-implementation of the official dense backbones (benchmarks/official_reference.py):
 its checkpoint layout against the released key tables, its bias index against a loop-based
-rendering of the recipe, and mmeformer's ``bias_mode='official'`` against it, loaded from the same
-dense checkpoint through the normal loader."""
+rendering of the recipe, and mmeformer's ``bias_mode='official'`` against it (outputs, and the
+parameter gradients of a training step), loaded from the same dense checkpoint through the normal
+loader."""
+import copy
 import itertools
 import json
 
@@ -11,7 +13,7 @@ import torch
 from conftest import ARCHS, FIXTURES, backbone_class
 from mmeformer.checkpoint import load_pretrained
 from benchmarks.official_reference import build_official_reference, first_appearance_bias_index
-from benchmarks.randomize import randomize_
+from benchmarks.randomize import gradients_as_state_dict, randomize_
 
 TAGS = {'EfficientFormer': 'v1', 'EfficientFormerV2': 'v2'}
 BIAS_IMG_SIZE = {'det': 800, 'seg': 512}
@@ -20,6 +22,11 @@ DENSE = [(family, arch, kind) for family in TAGS for arch in ARCHS[family]
 
 # Relative to the feature scale (max |x| of each returned level). Measured: <= 2e-6.
 TOL = 2e-5
+# Training gradients, float32: relative to each tensor's largest gradient; train-mode BatchNorm
+# divides by batch statistics, which amplifies float rounding more than the forward. Measured:
+# 1.3e-5 (L1), 1.0e-5 (V2-S0).
+GRAD_TOL = 1e-4
+ZERO_GRAD = 1e-5
 
 
 def _id(params):
@@ -136,6 +143,68 @@ def test_official_bias_mode_matches_the_reference(family, arch, kind, tmp_path):
             perturbed = reference(x)
             table[head, entry] -= 3.
         assert max(relative_errors(perturbed, expected)) > 20 * TOL
+
+
+def assert_gradients_match(model, reference, path, tol, prefix=None):
+    """Every parameter gradient of ``model`` equals the gradient of the same parameter of
+    ``reference`` (converted into mmeformer's layout by the checkpoint loader), up to ``tol``
+    of the largest gradient of that tensor. Returns the largest relative error."""
+    torch.save(gradients_as_state_dict(reference) if prefix is None else
+               {'state_dict': {f'{prefix}{k}': v
+                               for k, v in gradients_as_state_dict(reference).items()},
+                'meta': {}}, path)
+    holder = copy.deepcopy(model)
+    report = load_pretrained(holder, str(path), prefix=prefix, logger='silent')
+    assert report.resized == [] and report.unused == []
+    expected = {name: param for name, param in holder.named_parameters()
+                if name not in report.missing}
+    # Biases of convs that feed a training-mode BatchNorm get zero gradient up to rounding
+    # (the batch mean removes them; measured below 1e-5 of the largest gradient): those are
+    # compared on the scale of the largest gradient, every other tensor on its own.
+    largest = max(p.abs().max().item() for p in expected.values())
+    worst = 0.
+    for name, param in model.named_parameters():
+        if name not in expected:
+            continue
+        assert param.grad is not None, name
+        scale = expected[name].abs().max().item()
+        if scale < ZERO_GRAD * largest:
+            scale = largest
+        error = (param.grad - expected[name]).abs().max().item() / scale
+        assert error < tol, (name, error, scale)
+        worst = max(worst, error)
+    return worst
+
+
+@pytest.mark.parametrize('family,arch', [('EfficientFormer', 'l1'), ('EfficientFormerV2', 's0')])
+def test_training_gradients_match_the_reference(family, arch, tmp_path):
+    """Train mode (batch statistics), forward + backward from dense level gradients: every
+    parameter gradient of mmeformer (``bias_mode='official'``, the reference's weights) equals
+    the official re-implementation's."""
+    reference = realistic_(build_official_reference(family, arch, 800)).train()
+    path = tmp_path / 'dense.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in reference.state_dict().items()},
+                'meta': {}}, path)
+    model = backbone_class(family)(arch, bias_mode='official', bias_img_size=800).train()
+    load_pretrained(model, str(path), prefix='backbone.', logger='silent')
+
+    x = torch.randn(2, 3, 128, 192, generator=torch.Generator().manual_seed(0))
+    expected, got = reference(x), model(x)
+    assert max(relative_errors([o.detach() for o in got], [o.detach() for o in expected])) < TOL
+    grads = [torch.randn(o.shape) for o in expected]
+    sum((o * g).sum() for o, g in zip(expected, grads)).backward()
+    sum((o * g).sum() for o, g in zip(got, grads)).backward()
+    worst = assert_gradients_match(model, reference, tmp_path / 'grads.pth', GRAD_TOL,
+                                   prefix='backbone.')
+    print(f'{family} {arch}: largest relative gradient error {worst:.1e}')
+
+    # Negative control: a wrong gradient of a single tensor (here the layer scales of the last
+    # block, the smallest effect a bug in a training path could have) fails the comparison.
+    last_scale = [p for n, p in model.named_parameters() if n.endswith('.gamma')][-1]
+    last_scale.grad.mul_(1 + 10 * GRAD_TOL)
+    with pytest.raises(AssertionError):
+        assert_gradients_match(model, reference, tmp_path / 'grads.pth', GRAD_TOL,
+                               prefix='backbone.')
 
 
 def test_v2_reference_keeps_the_official_even_size_requirement():

@@ -23,7 +23,8 @@ from ...registry import MODELS
 from ..archs import EFFICIENTFORMERV2_ARCHS
 from ..layers import (GELU, ConvActSequential, ConvNorm, LayerScale, RelativeBiasAttention,
                       Stage, drop_path_or_identity, fast_paths_enabled, query_chunks, query_rows,
-                      scaled_residual, softmax_attention, stochastic_depth_rates)
+                      scaled_residual, softmax_attention, softmax_last,
+                      stochastic_depth_rates)
 from .base import MobileBackbone
 
 
@@ -118,7 +119,7 @@ class Attention4D(RelativeBiasAttention):
             else:
                 attn = _mix_heads(w1, logits.mul_(self.scale).add_(query_rows(bias, rows)),
                                   add=self.talking_head1.bias.view(-1, 1, 1).to(logits.dtype))
-            attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+            attn = softmax_last(attn).to(v.dtype)
             outs.append(torch.matmul(_mix_heads(self.talking_head2.weight, attn), v))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         out = out + self.talking_head2.bias.view(1, -1, 1, 1).to(v.dtype) * v.sum(2, keepdim=True)

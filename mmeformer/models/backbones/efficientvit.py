@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ...registry import MODELS
 from ..archs import EFFICIENTVIT_ARCHS
 from ..layers import (ConvActSequential, ConvNorm, RelativeBiasAttention, Stage,
-                      drop_path_or_identity, is_tracing, stochastic_depth_rates)
+                      drop_path_or_identity, is_tracing, softmax_last, stochastic_depth_rates)
 from .base import MobileBackbone
 
 
@@ -109,7 +109,7 @@ class CascadedGroupAttention(RelativeBiasAttention):
             q = _map_as_tokens(dw(_tokens_as_map(q.contiguous(), ws)))
             # softmax(q k^T * scale + bias) v; the scale and the bias in the same GEMM.
             attn = torch.baddbmm(bias[i], q, k.transpose(-2, -1), alpha=self.key_dim ** -0.5)
-            feat = torch.bmm(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
+            feat = torch.bmm(softmax_last(attn).to(v.dtype), v)
             outs.append(feat)
         return _map_as_tokens(self.proj(_tokens_as_map(torch.cat(outs, dim=-1), ws)))
 

@@ -11,7 +11,7 @@
   gather and bicubic resize, the per-size cache;
 * :mod:`.caches`: the bytes those caches hold.
 """
-from .attention import query_chunks, query_rows, softmax_attention
+from .attention import query_chunks, query_rows, softmax_attention, softmax_last
 from .attention_bias import (BIAS_MODES, RelativeBiasAttention, bicubic_taps, gather_offset_bias,
                              resize_bicubic)
 from .blocks import (GELU, DropPath, LayerScale, Stage, drop_path_or_identity, run_blocks,
@@ -28,5 +28,6 @@ __all__ = [
     'drop_path_or_identity', 'eval_cache_bytes', 'fast_paths', 'fast_paths_enabled',
     'folded_conv_bn', 'forget_packed_weights', 'gather_offset_bias', 'is_compiling', 'is_tracing',
     'linear', 'query_chunks', 'query_rows', 'records_grad', 'resize_bicubic', 'run_blocks',
-    'scaled_lerp', 'scaled_residual', 'softmax_attention', 'stochastic_depth_rates'
+    'scaled_lerp', 'scaled_residual', 'softmax_attention', 'softmax_last',
+    'stochastic_depth_rates'
 ]

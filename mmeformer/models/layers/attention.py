@@ -40,6 +40,12 @@ def query_chunks(num_queries: int, heads: int, num_keys: int,
             for start in range(0, num_queries, rows)]
 
 
+def softmax_last(attn: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis in at least float32: low-precision maps (autocast) are upcast,
+    float64 ones (gradient checks) keep their precision."""
+    return attn.softmax(dim=-1, dtype=torch.promote_types(attn.dtype, torch.float32))
+
+
 def query_rows(t: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
     """Rows ``rows`` of the second-to-last (query) axis of ``t``; all of ``t`` for None."""
     return t if rows is None else t[..., rows, :]
@@ -74,7 +80,7 @@ def _attend_in_chunks(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
     for rows in chunks:
         attn = _scores(query_rows(q, rows), kt,
                        None if bias is None else query_rows(bias, rows))
-        outs.append(torch.matmul(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v))
+        outs.append(torch.matmul(softmax_last(attn).to(v.dtype), v))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
