@@ -25,6 +25,7 @@ from .timing import MATMUL_SIZE, environment, gflop_per_s, square_matmul, time_i
 TRAIN_SIZES = ((512, 512), (800, 1344))
 TRAIN_DTYPES = ('float32', 'bfloat16')
 OFFICIAL = 'official (re-implemented)'
+COMPILED = 'mmeformer torch.compile'
 
 
 @dataclass
@@ -103,10 +104,12 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, grads: Sequence[torch.Te
 
 def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = TRAIN_SIZES,
         dtypes: Sequence[str] = TRAIN_DTYPES, batch: int = 2, threads: int = 2,
-        warmup: int = 1, repeats: int = 5, keep_memory: bool = True,
+        warmup: int = 1, repeats: int = 5, keep_memory: bool = True, compile: bool = False,
         progress: Callable = print) -> Tuple[Dict, List[TrainStep]]:
     """Time the training step of every (variant, size, dtype) for mmeformer and its reference
-    in interleaved rounds (CPU); returns the environment and the measurements."""
+    in interleaved rounds (CPU); with ``compile`` also mmeformer's backbone under
+    torch.compile (inductor; compiled in the warmup, which must then be at least 1). Returns
+    the environment and the measurements."""
     if keep_memory:  # as the latency report: page faults otherwise dominate the spread
         keep_freed_memory()
     torch.set_num_threads(threads)
@@ -119,6 +122,10 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = TRAIN
         for impl in ('mmeformer', reference_name(variant)):
             model = build_train_model(variant, impl, size)
             timed[impl] = train_step(model, x, level_gradients(model, x), dtype)
+        if compile:
+            model = build_train_model(variant, 'mmeformer', size)
+            timed[COMPILED] = train_step(torch.compile(model), x, level_gradients(model, x),
+                                         dtype)
         # torch.randn: the yardstick runs in fp32 whatever the step's autocast dtype.
         timed['matmul'] = square_matmul('cpu', torch.float32)
         results = time_interleaved(timed, warmup, repeats, 'cpu')
@@ -134,14 +141,17 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = TRAIN
     return environment('cpu', threads), rows
 
 
-def ratios(rows: Sequence[TrainStep]) -> List[Tuple[str, str, str, float]]:
-    """(variant, size, dtype, reference ms / mmeformer ms) of every setting timed with both."""
+def ratios(rows: Sequence[TrainStep]) -> List[Tuple[str, str, str, str, str, float]]:
+    """(variant, size, dtype, faster, slower, slower ms / faster ms) of every setting timed with
+    both: mmeformer against its reference, and mmeformer compiled against eager."""
     index = {(r.variant, (r.height, r.width), r.dtype, r.implementation): r for r in rows}
     out = []
     for (variant, size, dtype, impl), row in index.items():
-        ref = index.get((variant, size, dtype, reference_name(variant)))
-        if impl == 'mmeformer' and ref is not None:
-            out.append((variant, f'{size[0]}x{size[1]}', dtype, ref.median_ms / row.median_ms))
+        slower = {'mmeformer': reference_name(variant), COMPILED: 'mmeformer'}.get(impl)
+        ref = index.get((variant, size, dtype, slower))
+        if ref is not None:
+            out.append((variant, f'{size[0]}x{size[1]}', dtype, impl, slower,
+                        ref.median_ms / row.median_ms))
     return out
 
 
@@ -163,8 +173,10 @@ def to_markdown(env: Dict, rows: Sequence[TrainStep]) -> str:
                      f'{r.gflops_per_s:.0f} | {100 * r.matmul_fraction:.0f}% | {peak} |')
     found = ratios(rows)
     if found:
-        lines += ['', '| variant | size | dtype | mmeformer vs reference |', '|---|---|---|---|']
-        lines += [f'| {v} | {s} | {d} | {ratio:.2f}x |' for v, s, d, ratio in found]
+        lines += ['', '| variant | size | dtype | speed-up | of | over |',
+                  '|---|---|---|---|---|---|']
+        lines += [f'| {v} | {s} | {d} | {ratio:.2f}x | {fast} | {slow} |'
+                  for v, s, d, fast, slow, ratio in found]
     return '\n'.join(lines) + '\n'
 
 

@@ -112,6 +112,9 @@ def main(argv=None):
                         default=list(training.TRAIN_DTYPES), help='--train: step dtypes')
     parser.add_argument('--no-peak-memory', action='store_true',
                         help='--train: skip the peak-memory processes')
+    parser.add_argument('--train-compile', action='store_true',
+                        help='--train: also mmeformer under torch.compile (compiled during the '
+                        'warmup)')
     parser.add_argument('--train-detector', action='store_true',
                         help='instead of latency: a toy Mask R-CNN training iteration split into '
                         'backbone, neck and the rest (see below)')
@@ -242,11 +245,13 @@ def train_speed(args) -> int:
     env, rows = training.run(args.variants, args.sizes or training.TRAIN_SIZES,
                              args.train_dtypes, batch, args.threads, args.warmup or 1,
                              args.repeats or 5, keep_memory=args.malloc == 'kept',
+                             compile=args.train_compile,
                              progress=lambda line: print(line, flush=True))
     if not args.no_peak_memory:
+        eager = [r for r in rows if r.implementation != training.COMPILED]
         calls = [f'train_step_memory({r.variant!r}, ({r.height}, {r.width}), {batch}, '
-                 f'{r.implementation!r}, dtype={r.dtype!r})' for r in rows]
-        for row, peak in zip(rows, _in_fresh_processes(calls, args.threads, keep_failed=True)):
+                 f'{r.implementation!r}, dtype={r.dtype!r})' for r in eager]
+        for row, peak in zip(eager, _in_fresh_processes(calls, args.threads, keep_failed=True)):
             row.peak_mib = None if peak is None else peak['peak_mib']
     write_report(args.out, 'training', training.to_markdown(env, rows),
                  dict(environment=env, results=[asdict(r) for r in rows],
