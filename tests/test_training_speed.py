@@ -59,7 +59,7 @@ def test_detector_iteration_ratio_swaps_the_backbone_time():
                                      100., 700., 'timm', 300.)
     assert row.backbone_ratio == 1.5
     assert row.iteration_ratio == 1.1  # (1000 - 200 + 300) / 1000
-    assert '| c.py | 2x3x320x320 | 1000 | 200 (20%) | 100 | 700 | 300 (timm) | 1.50x | 1.10x |' \
+    assert '| c.py | 2x3x320x320 | 1000 | 200 (20%) | 100 | 700 | timm | 300 | 1.50x | 1.10x |' \
         in training.detector_markdown(dict(cpu='cpu', threads=2, torch='2'), [row])
 
 
