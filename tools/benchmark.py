@@ -30,7 +30,8 @@ evaluation pays for new input sizes, which a fixed-size run never shows.
 benchmarks/training.py) at 512x512 and 800x1344, in float32 and CPU bfloat16 autocast
 (--train-dtypes), against the official code's re-implementation (V1 / V2) or timm (EfficientViT)
 in interleaved rounds, with GFLOP/s (3x the forward MACs) and, unless --no-peak-memory, the
-peak memory of forward + backward measured per candidate in a fresh process. --train-detector
+peak memory of forward + backward measured per candidate in a fresh process (--train-compile
+adds mmeformer under torch.compile to the rounds). --train-detector
 times a toy Mask R-CNN's training iteration per family (--configs) split into backbone, neck
 and the rest, beside the reference backbone:
 
