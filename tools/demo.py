@@ -7,7 +7,10 @@
 4. export the trained backbone to ONNX (dynamic size) with the ONNX Runtime parity check;
 5. the quick latency report with its plot;
 6. the trained detector's predictions drawn on a toy validation image (tools/infer.py, mmdet's
-   DetInferencer).
+   DetInferencer);
+7. the trained detector evaluated again with its backbone deployed in LiteRT (the fastest
+   float32 runtime of the benchmarks on 2-core CPUs; tools/test.py --backbone-runtime), the
+   metrics side by side with PyTorch's.
 
 Each step runs the project's own tool, printed before it runs, so it can be repeated by hand.
 Artefacts go under outputs/demo/.
@@ -27,6 +30,7 @@ from mmeformer.models import arch_names, create_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = 'configs/detection/toy/maskrcnn_eformer_l1.py'
+DEPLOY_RUNTIME = 'litert'
 
 
 def run(step: str, args, log_dir: Path):
@@ -92,8 +96,14 @@ def main():
     print('\n'.join(run('6: predictions drawn by mmdet\'s DetInferencer',
                         ['tools/infer.py', TOY_CONFIG, checkpoint, image.relative_to(REPO),
                          '--out', out / 'infer'], out)[-2:]))
+    tail = run(f'7: the backbone deployed in {DEPLOY_RUNTIME}, evaluated inside the detector',
+               ['tools/test.py', TOY_CONFIG, checkpoint, '--work-dir', work_dir / 'deployed',
+                '--backbone-runtime', DEPLOY_RUNTIME], out)
+    print('\n'.join(line for line in tail if line.startswith(('metric ', 'coco/'))))
     print(f'\nArtefacts:\n  toy data:        data/toy/\n  training run:    {work_dir}\n'
           f'  checkpoint:      {checkpoint}\n  ONNX backbone:   {onnx_path}\n'
+          f'  deployed:        {work_dir / "deployed" / "deployed_backbone"}/ (one file per '
+          f'input size)\n'
           f'  latency report:  {out / "benchmark"}/latency.{{md,csv,json,png}}\n'
           f'  predictions:     {out / "infer" / "vis" / image.name} (drawn), '
           f'{out / "infer" / "preds"}/\n'

@@ -9,7 +9,11 @@
         --shape 512 512 --out outputs/export/m4_int8.xml
 
 ARCH is one of efficientformer_{l1,l3,l7}, efficientformerv2_{s0,s1,s2,l}, efficientvit_m{0..5},
-or a detection / segmentation config (its backbone; with --with-neck also its neck).
+or a detection / segmentation config (its backbone; with --with-neck also its neck). Several
+ARCHs, or `all` (the 13 backbones): --out is a folder, each file is named after its ARCH, and a
+table of the results ends the output.
+
+    python tools/export.py all --format litert --shape 224 224 --out outputs/export/litert/
 
 Formats: onnx (ONNX Runtime), openvino (IR .xml + .bin, OpenVINO CPU plugin in float32),
 litert (.tflite, LiteRT interpreter with XNNPACK), torchscript, coreml (.mlpackage; converted
@@ -23,21 +27,24 @@ litert: PT2E; calibrated on --calib-count images of --calib-images, default gene
 images): the relative difference and the cosine similarity per level on calibration-like images
 are printed, exit status 1 when a level's cosine similarity is below 0.99.
 """
+import os
 import sys
+import time
+from typing import Tuple
 
 import torch
 
 from mmeformer import export
 from mmeformer.builder import build_model
 from mmeformer.cli import doc_parser
-from mmeformer.models import fuse
+from mmeformer.models import arch_names, fuse
 
 INT8_MIN_COSINE = 0.99
 
 
 def parse_args(argv=None):
     parser = doc_parser(__doc__)
-    parser.add_argument('arch', help='arch name or config file')
+    parser.add_argument('arch', nargs='+', help='arch name(s) or config file(s), or all')
     parser.add_argument('--format', choices=list(export.FORMATS), default='onnx')
     parser.add_argument('--shape', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'))
     parser.add_argument('--dynamic', action='store_true', help='any batch, H and W')
@@ -56,9 +63,10 @@ def parse_args(argv=None):
                              'tensor: float input, normalised by the caller')
     parser.add_argument('--out', required=True)
     args = parser.parse_args(argv)
+    args.arch = arch_names() if args.arch == ['all'] else args.arch
     try:  # checked now, not after a model is built and traced
         export.check_request(args.format, args.dynamic, args.int8, args.nhwc)
-        if args.format == 'coreml':
+        if args.format == 'coreml' and len(args.arch) == 1:
             args.out = export.coreml_package_path(args.out)
     except ValueError as err:
         parser.error(str(err))
@@ -71,35 +79,56 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if len(args.arch) == 1:
+        return export_one(args, args.arch[0], args.out)[0]
+    suffix = export.FORMATS[args.format].suffix
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for arch in args.arch:
+        name = os.path.splitext(os.path.basename(arch))[0]
+        print(f'\n== {name}', flush=True)
+        start = time.time()
+        status, detail = export_one(args, arch, os.path.join(args.out, name + suffix))
+        rows.append((name, status, detail, time.time() - start))
+    print(f'\n| arch | {args.format}{" int8" if args.int8 else ""} {args.shape[0]}x'
+          f'{args.shape[1]} | check | seconds (export + check) |\n|---|---|---|---|')
+    for name, status, detail, seconds in rows:
+        print(f'| {name} | {("OK", "FAILED check", "ERROR")[status]} | {detail} | '
+              f'{seconds:.0f} |')
+    return max(row[1] for row in rows)
+
+
+def export_one(args, arch: str, out: str) -> Tuple[int, str]:
+    """Export and check one ARCH: (exit status, what the check found)."""
     torch.manual_seed(0)
     shape = tuple(args.shape)
     try:
-        model = build_model(args.arch, args.checkpoint, args.with_neck)
+        model = build_model(arch, args.checkpoint, args.with_neck)
         if not args.no_fuse:
             fuse(model)  # the exporters freeze the attention biases of a fixed size themselves
         calibration = (export.calibration_inputs(shape, args.calib_images, args.calib_count)
                        if args.int8 else None)
         summary = export.export_backbone(
-            model, args.format, args.out, shape, dynamic=args.dynamic, int8=args.int8,
+            model, args.format, out, shape, dynamic=args.dynamic, int8=args.int8,
             calibration=calibration, nhwc=args.nhwc, opset=args.opset,
             image_input=args.coreml_input == 'image')
     except (ValueError, RuntimeError) as err:  # unknown arch, config, export or converter error
         print(f'error: {err}', file=sys.stderr)
-        return 2
+        return 2, str(err).replace('|', '/')[:160]
     if args.format == 'coreml':
-        print(f'CoreML mlprogram written to {args.out}: inputs {summary["inputs"]}, outputs '
+        print(f'CoreML mlprogram written to {out}: inputs {summary["inputs"]}, outputs '
               f'{summary["outputs"]}, {len(summary["ops"])} op types')
         resizes = [op for op in summary['ops'] if 'resize' in op or 'upsample' in op]
         print(f'resize/upsample ops: {resizes or "none"}')
-        return 0
+        return 0, f'spec: {len(summary["ops"])} op types, resize ops {resizes or "none"}'
     batch = 2 if args.dynamic else 1  # a dynamic export's batch axis is dynamic too
     sizes = export.check_sizes(shape, args.dynamic)
     # int8: checked on images (4 per size, like the calibration's); errors on noise say little.
     inputs = ((lambda size: export.calibration_inputs(size, args.calib_images, 4))
               if args.int8 else None)
-    errors = export.verify_export(model, args.format, args.out, sizes, batch, args.nhwc, inputs)
-    print(f'{args.format}{" int8" if args.int8 else ""} export of {args.arch} written to '
-          f'{args.out}; outputs {export.output_names(model, shape)}')
+    errors = export.verify_export(model, args.format, out, sizes, batch, args.nhwc, inputs)
+    print(f'{args.format}{" int8" if args.int8 else ""} export of {arch} written to '
+          f'{out}; outputs {export.output_names(model, shape)}')
     for size, levels in errors.items():
         print(f'  {size[0]}x{size[1]}, batch {batch}: relative difference per level '
               f'{_row(levels["relative"], ".1e")}, cosine similarity '
@@ -107,14 +136,17 @@ def main(argv=None):
     worst = export.per_level(errors)
     if args.int8:
         ok = min(worst['cosine']) >= INT8_MIN_COSINE
+        detail = (f'cosine >= {min(worst["cosine"]):.5f}, relative difference <= '
+                  f'{max(worst["relative"]):.2e}')
         print(f'{"OK" if ok else "FAILED"}: smallest cosine similarity '
               f'{min(worst["cosine"]):.5f} (limit {INT8_MIN_COSINE}); largest relative '
               f'difference {max(worst["relative"]):.2e}')
     else:
         ok = max(worst['relative']) <= export.TOLERANCE
+        detail = f'relative difference <= {max(worst["relative"]):.1e}'
         print(f'{"OK" if ok else "FAILED"}: largest difference {max(worst["relative"]):.2e} '
-              f'(limit {export.TOLERANCE:.0e}); wrote {args.out}')
-    return 0 if ok else 1
+              f'(limit {export.TOLERANCE:.0e}); wrote {out}')
+    return (0 if ok else 1), detail
 
 
 def _row(values, fmt):
