@@ -12,7 +12,7 @@ from conftest import REPO
 PACKAGE = REPO / 'mmeformer'
 # Packages that only some features need (extras): imported where those features run.
 OPTIONAL = {'mmdet', 'mmseg', 'mmcv', 'onnxruntime', 'coremltools', 'matplotlib', 'torchvision',
-            'safetensors'}
+            'safetensors', 'openvino', 'nncf', 'litert_torch', 'ai_edge_litert', 'torchao'}
 # (module, imported mmeformer module) pairs allowed inside functions, with the reason.
 ALLOWED_LOCAL = {
     # mmengine's init_cfg=dict(type='Pretrained') runs inside the model; the loader converts

@@ -69,7 +69,7 @@ def parse_args(argv=None):
         if args.format == 'coreml' and len(args.arch) == 1:
             args.out = export.coreml_package_path(args.out)
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(f'--out: {err}' if 'ML program package' in str(err) else str(err))
     if (args.calib_images or args.calib_count != 32) and not args.int8:
         parser.error('--calib-images / --calib-count apply to --int8 only')
     if min(args.shape) < 32:
