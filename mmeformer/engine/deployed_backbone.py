@@ -18,7 +18,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import DATASETS
 
-from ..export import export_backbone, load_runtime
+from ..export import FORMATS, export_backbone, load_runtime
 from ..export.calibration import DEFAULT_COUNT, image_files
 from ..models import fuse
 from ..registry import HOOKS
@@ -55,15 +55,11 @@ class RuntimeBackbone(nn.Module):
         self.fused = fuse(copy.deepcopy(backbone).cpu().eval())
         self._runs: Dict[Tuple[int, int], Callable] = {}
 
-    @property
-    def exported_sizes(self) -> List[Tuple[int, int]]:
-        return list(self._runs)
-
     def _run_for(self, size: Tuple[int, int]) -> Callable:
         if size not in self._runs:
             fmt = RUNTIME_FORMATS[self.runtime]
             int8 = self.calibration is not None
-            suffix = {'onnx': '.onnx', 'openvino': '.xml', 'litert': '.tflite'}[fmt]
+            suffix = FORMATS[fmt].suffix
             path = os.path.join(self.work_dir, f'{self.runtime}{"_int8" if int8 else ""}_'
                                 f'{size[0]}x{size[1]}{suffix}')
             os.makedirs(self.work_dir, exist_ok=True)

@@ -71,11 +71,11 @@ def export_backbone(model: nn.Module, fmt: str, path: str, shape: Tuple[int, int
             export_torchscript(model, path, shape)
         else:
             return export_coreml(model, path, shape, image_input)
-    except (ExportError, RuntimeError) as err:
-        if isinstance(err, ExportError) or fmt == 'coreml':
-            raise  # our own message, or export_coreml's (which names the fix)
-        raise _conversion_failed(fmt, err) from err
+    except ExportError:
+        raise
     except Exception as err:  # noqa: BLE001 - converters raise anything; report it in one line
+        if fmt == 'coreml' and isinstance(err, RuntimeError):
+            raise  # export_coreml's own message, which names the fix
         raise _conversion_failed(fmt, err) from err
     return None
 
