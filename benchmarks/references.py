@@ -2,13 +2,15 @@
 official dense code, and the candidates (mmeformer's runtimes plus those references) of one
 variant and input size."""
 import copy
+import functools
 import os
 from typing import Callable, List, Sequence, Tuple
 
 import torch
 
 from mmeformer.builder import build_model
-from mmeformer.export import FORMATS, calibration_inputs, export_backbone, load_runtime
+from mmeformer.export import (FORMATS, ExportError, calibration_inputs, export_backbone,
+                              load_runtime)
 from mmeformer.models import fuse
 
 from .official_reference import build_official_reference
@@ -69,6 +71,10 @@ def reference_builders(variant: str, base: torch.nn.Module,
     return items
 
 
+def _raise(err: Exception, *args):
+    raise err
+
+
 def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
                runtimes: Sequence[str], compare: bool,
                workdir: str) -> List[Tuple[str, str, Callable, str]]:
@@ -91,9 +97,12 @@ def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
             calibration = (calibration_inputs(size, count=BENCHMARK_CALIBRATION_IMAGES)
                            if int8 else None)
             # The exporters freeze the attention biases of the size themselves.
-            export_backbone(fuse(copy.deepcopy(base)), fmt, path, size, int8=int8,
-                            calibration=calibration)
-            run = load_runtime(fmt, path, torch.get_num_threads())
+            try:
+                export_backbone(fuse(copy.deepcopy(base)), fmt, path, size, int8=int8,
+                                calibration=calibration)
+                run = load_runtime(fmt, path, torch.get_num_threads())
+            except ExportError as err:  # the timing loop reports a candidate whose call fails
+                run = functools.partial(_raise, err)
             items.append(('mmeformer', runtime, lambda x, run=run: run(x.cpu().numpy()),
                           f'static-size fused export{", int8" if int8 else ""}'))
         else:

@@ -13,8 +13,8 @@ from .common import (ONNX_OPSET, ExportError, check_request, cosine_similarities
 from .coreml_export import export_coreml
 from .litert_export import export_litert, litert_model
 from .onnx_export import export_onnx, onnxruntime_model, quantize_onnx
-from .openvino_export import (convert_openvino, openvino_model, quantize_openvino,
-                              save_openvino)
+from .openvino_export import (check_openvino_compiles, convert_openvino, openvino_model,
+                              quantize_openvino, save_openvino)
 from .torchscript_export import export_torchscript, torchscript_model
 
 RUNTIMES = {'onnx': onnxruntime_model, 'openvino': openvino_model, 'litert': litert_model,
@@ -65,6 +65,8 @@ def export_backbone(model: nn.Module, fmt: str, path: str, shape: Tuple[int, int
         elif fmt == 'openvino':
             converted = convert_openvino(model, shape, dynamic)
             save_openvino(quantize_openvino(converted, calibration) if int8 else converted, path)
+            if int8:
+                check_openvino_compiles(path)
         elif fmt == 'litert':
             export_litert(model, path, shape, nhwc, calibration if int8 else None)
         elif fmt == 'torchscript':

@@ -1,12 +1,20 @@
 """OpenVINO: an IR (``.xml`` + ``.bin``) converted from the PyTorch module, run on the CPU
 plugin, and int8 quantization with NNCF's post-training quantization."""
+import os
+import subprocess
+import sys
 from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .common import output_names, require, set_attention_biases_for_export
+from .common import ExportError, output_names, require, set_attention_biases_for_export
+
+# Compiles an IR as openvino_model does, in a child process: a crash of the CPU plugin there
+# cannot take the caller with it.
+_COMPILE_CHECK = ("import sys, openvino as ov; ov.Core().compile_model(sys.argv[1], 'CPU', "
+                  "{'INFERENCE_PRECISION_HINT': 'f32'})")
 
 
 def convert_openvino(model: nn.Module, shape: Tuple[int, int], dynamic: bool):
@@ -36,6 +44,24 @@ def quantize_openvino(converted, calibration: Sequence[np.ndarray]):
     nncf = require('nncf', 'openvino --int8')
     return nncf.quantize(converted, nncf.Dataset(list(calibration)),
                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+
+
+def check_openvino_compiles(path: str) -> None:
+    """Compile the IR at ``path`` on the CPU plugin in a child process, and remove it with an
+    :class:`ExportError` when the plugin crashes there. The OpenVINO 2026.4 CPU plugin dies
+    with SIGSEGV compiling NNCF's int8 EfficientViT (every variant, any input size, also with
+    oneDNN limited to AVX512-VNNI), so an int8 IR is compiled here before anyone loads it."""
+    proc = subprocess.run([sys.executable, '-c', _COMPILE_CHECK, path], capture_output=True,
+                          text=True)
+    if proc.returncode == 0:
+        return
+    for name in (path, os.path.splitext(path)[0] + '.bin'):
+        if os.path.exists(name):
+            os.remove(name)
+    how = (f'crashed (signal {-proc.returncode})' if proc.returncode < 0 else
+           f'failed: {(proc.stderr.strip().splitlines() or ["no message"])[-1]}')
+    raise ExportError(f'the OpenVINO CPU plugin {how} compiling the int8 model, so no file was '
+                      'kept; export it in float32 for OpenVINO, or in int8 for onnx or litert')
 
 
 def openvino_model(path: str, threads: int) -> Callable[[np.ndarray], List[np.ndarray]]:
