@@ -13,6 +13,13 @@ import pytest
 # and the CUDA AMP wrapper instead, in this process and in the tools it starts. Set before
 # torch initialises CUDA; child processes inherit it.
 os.environ['CUDA_VISIBLE_DEVICES'] = ''
+# `make test` runs two pytest-xdist workers: each worker, and every tool it starts (children
+# inherit the environment), gets its share of the cores instead of one thread per core each.
+# Oversubscribed, the toy training tests ran several times slower (docs/testing.md).
+_WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+if _WORKERS > 1:
+    os.environ.setdefault('OMP_NUM_THREADS',
+                          str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 import torch  # noqa: E402
 
