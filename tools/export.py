@@ -5,8 +5,8 @@
         --out outputs/export/s0.onnx
     python tools/export.py efficientformer_l1 --format litert --shape 512 512 --nhwc \
         --out outputs/export/l1.tflite
-    python tools/export.py efficientvit_m4 --format openvino --int8 --calib-images DIR \
-        --shape 512 512 --out outputs/export/m4_int8.xml
+    python tools/export.py efficientformer_l1 --format openvino --int8 --calib-images DIR \
+        --shape 512 512 --out outputs/export/l1_int8.xml
 
 ARCH is one of efficientformer_{l1,l3,l7}, efficientformerv2_{s0,s1,s2,l}, efficientvit_m{0..5},
 or a detection / segmentation config (its backbone; with --with-neck also its neck). Several
