@@ -89,14 +89,16 @@ def test_export_tool_exit_status(tmp_path):
     # V2's stage-3 attention upsamples its half-resolution output: architecture, not bias.
     ('efficientformerv2_s0', [], "['stride4', 'stride8', 'stride16', 'stride32']",
      "['upsample_bilinear']"),
-    ('efficientvit_m0', [], "['stride16', 'stride32', 'stride64']", 'none'),
+    # 112: a map of whole windows at stride 16 (no padding), one window padded at 32 and 64.
+    ('efficientvit_m0', ['--shape', '112', '112'], "['stride16', 'stride32', 'stride64']",
+     'none'),
     # Unfused, the BatchNorms stay, but the attention biases are still frozen at the size.
     ('efficientformerv2_s0', ['--no-fuse'], "['stride4', 'stride8', 'stride16', 'stride32']",
      "['upsample_bilinear']"),
 ])
 def test_coreml_export_tool(tmp_path, name, flags, outputs, resizes):
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'), name,
-                           '--format', 'coreml', *flags, '--shape', '64', '64', '--out',
+                           '--format', 'coreml', '--shape', '64', '64', *flags, '--out',
                            # trailing '/': a package is a folder, and shells complete it so
                            f'{tmp_path / name}.mlpackage/'], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

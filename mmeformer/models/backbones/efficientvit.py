@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ...registry import MODELS
 from ..archs import EFFICIENTVIT_ARCHS
 from ..layers import (ConvActSequential, ConvNorm, RelativeBiasAttention, Stage,
-                      drop_path_or_identity, is_tracing, softmax_last, stochastic_depth_rates)
+                      drop_path_or_identity, softmax_last, stochastic_depth_rates)
 from .base import MobileBackbone
 
 
@@ -126,7 +126,10 @@ class LocalWindowAttention(nn.Module):
         b, c, h, w = x.shape
         ws = self.attn.window_size  # one source: the attention views its tokens with it
         pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-        padded = is_tracing() or bool(pad_b or pad_r)
+        # A TorchScript trace (ONNX, OpenVINO) serves every size, so it always pads; torch.export
+        # (LiteRT, CoreML) records one size, where an empty pad and a whole-map slice would be
+        # aliases that coremltools cannot convert.
+        padded = torch.jit.is_tracing() or bool(pad_b or pad_r)
         x = x.permute(0, 2, 3, 1)  # NHWC: a view of a channels-last map
         if padded:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
