@@ -11,10 +11,13 @@ import torch.nn as nn
 
 from .common import ExportError, output_names, require, set_attention_biases_for_export
 
+# float32 asked for: on CPUs with bfloat16 / AMX units the plugin picks a reduced inference
+# precision by default, and the outputs then differ by 1e-2.
+CPU_CONFIG = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
 # Compiles an IR as openvino_model does, in a child process: a crash of the CPU plugin there
 # cannot take the caller with it.
-_COMPILE_CHECK = ("import sys, openvino as ov; ov.Core().compile_model(sys.argv[1], 'CPU', "
-                  "{'INFERENCE_PRECISION_HINT': 'f32'})")
+_COMPILE_CHECK = ("import sys, openvino as ov; "
+                  f"ov.Core().compile_model(sys.argv[1], 'CPU', {CPU_CONFIG!r})")
 
 
 def convert_openvino(model: nn.Module, shape: Tuple[int, int], dynamic: bool):
@@ -48,9 +51,8 @@ def quantize_openvino(converted, calibration: Sequence[np.ndarray]):
 
 def check_openvino_compiles(path: str) -> None:
     """Compile the IR at ``path`` on the CPU plugin in a child process, and remove it with an
-    :class:`ExportError` when the plugin crashes there. The OpenVINO 2026.4 CPU plugin dies
-    with SIGSEGV compiling NNCF's int8 EfficientViT (every variant, any input size, also with
-    oneDNN limited to AVX512-VNNI), so an int8 IR is compiled here before anyone loads it."""
+    :class:`ExportError` when the plugin crashes there: OpenVINO 2026.4's CPU plugin dies with
+    SIGSEGV compiling NNCF's int8 EfficientViT (docs/deploy.md, known limits)."""
     proc = subprocess.run([sys.executable, '-c', _COMPILE_CHECK, path], capture_output=True,
                           text=True)
     if proc.returncode == 0:
@@ -66,11 +68,8 @@ def check_openvino_compiles(path: str) -> None:
 
 def openvino_model(path: str, threads: int) -> Callable[[np.ndarray], List[np.ndarray]]:
     ov = require('openvino', 'openvino')
-    # float32 asked for: on CPUs with bfloat16 / AMX units the plugin picks a reduced
-    # inference precision by default, and the outputs then differ by 1e-2.
-    compiled = ov.Core().compile_model(path, 'CPU', {
-        'INFERENCE_PRECISION_HINT': 'f32', 'INFERENCE_NUM_THREADS': threads,
-        'PERFORMANCE_HINT': 'LATENCY'})
+    compiled = ov.Core().compile_model(path, 'CPU',
+                                       dict(CPU_CONFIG, INFERENCE_NUM_THREADS=threads))
     request = compiled.create_infer_request()
 
     def run(x):
