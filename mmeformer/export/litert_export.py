@@ -29,8 +29,8 @@ def export_litert(model: nn.Module, path: str, shape: Tuple[int, int], nhwc: boo
 
 def _quantize_pt2e(net: nn.Module, example: torch.Tensor, calibration: Sequence[np.ndarray],
                    nhwc: bool):
-    # litert_torch was imported by export_litert (require): these are its own modules.
-    from litert_torch.quantize import pt2e_quantizer  # the extra's quantizer, after the check
+    # Function-level: the deploy extra, whose presence export_litert checked (require).
+    from litert_torch.quantize import pt2e_quantizer
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e import move_exported_model_to_eval, quantize_pt2e
     quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
