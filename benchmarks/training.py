@@ -9,6 +9,8 @@ of one (variant, size, dtype) run in interleaved rounds with a square matmul, th
 the achieved GFLOP/s (3x the forward MACs: the backward does about twice the forward's work).
 """
 import contextlib
+import multiprocessing
+import signal
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,11 +39,11 @@ class TrainStep:
     batch: int
     threads: int
     dtype: str
-    median_ms: float
-    p90_ms: float
-    gmacs: float  # of one image's forward
-    gflops_per_s: float  # 3x the forward MACs of the batch, per second
-    matmul_fraction: float  # of the matmul timed in the same rounds
+    median_ms: Optional[float]  # None (and the next four): not timed, ``note`` says why
+    p90_ms: Optional[float]
+    gmacs: Optional[float]  # of one image's forward
+    gflops_per_s: Optional[float]  # 3x the forward MACs of the batch, per second
+    matmul_fraction: Optional[float]  # of the matmul timed in the same rounds
     peak_mib: Optional[float] = None  # filled in by tools/benchmark.py (fresh processes)
     note: str = ''
 
@@ -109,42 +111,95 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = TRAIN
     """Time the training step of every (variant, size, dtype) for mmeformer and its reference
     in interleaved rounds (CPU); with ``compile`` also mmeformer's backbone under
     torch.compile (inductor; compiled in the warmup, which must then be at least 1). Returns
-    the environment and the measurements."""
-    if keep_memory:  # as the latency report: page faults otherwise dominate the spread
-        keep_freed_memory()
-    torch.set_num_threads(threads)
+    the environment and the measurements.
+
+    Each setting runs in a fresh process: every setting starts from the same heap, and one that
+    does not fit in memory (EfficientFormer-L7 at 800x1344 needs more than 24 GiB with both
+    candidates) kills only its own process; its rows come back with ``note`` saying so and no
+    times."""
     rows = []
     plan = [(v, s, d) for v in (variants or arch_names()) for s in sizes for d in dtypes]
     for index, (variant, size, dtype) in enumerate(plan, 1):
-        macs = count_macs(build_model(variant), size)
-        x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(index))
-        timed = {}
-        for impl in ('mmeformer', reference_name(variant)):
-            model = build_train_model(variant, impl, size)
-            timed[impl] = train_step(model, x, level_gradients(model, x), dtype)
-        if compile:
-            model = build_train_model(variant, 'mmeformer', size)
-            timed[COMPILED] = train_step(torch.compile(model), x, level_gradients(model, x),
-                                         dtype)
-        # An fp32 matmul whatever the step's dtype: one yardstick for every row.
-        timed['matmul'] = square_matmul('cpu', torch.float32)
-        results = time_interleaved(timed, warmup, repeats, 'cpu')
-        matmul_median, _ = results.pop('matmul')
-        peak = gflop_per_s(2 * MATMUL_SIZE ** 3, matmul_median)
-        for impl, (median, p90) in results.items():
-            achieved = gflop_per_s(3 * 2 * macs * batch, median)
-            rows.append(TrainStep(variant, impl, size[0], size[1], batch, threads, dtype,
-                                  round(median, 1), round(p90, 1), round(macs / 1e9, 3),
-                                  round(achieved, 1), round(achieved / peak, 3)))
-            progress(f'[{index}/{len(plan)}] {variant} {size[0]}x{size[1]} {dtype} {impl}: '
-                     f'{median:.0f} ms (p90 {p90:.0f})')
+        timed = in_fresh_process(_time_setting, variant, size, dtype, batch, threads, warmup,
+                                 repeats, keep_memory, compile, index)
+        label = f'[{index}/{len(plan)}] {variant} {size[0]}x{size[1]} {dtype}'
+        if isinstance(timed, str):  # why the process died
+            impls = ['mmeformer', reference_name(variant)] + ([COMPILED] if compile else [])
+            rows += [TrainStep(variant, impl, size[0], size[1], batch, threads, dtype, None,
+                               None, None, None, None, note=timed) for impl in impls]
+            progress(f'{label}: not timed: {timed}')
+            continue
+        rows += timed
+        for row in timed:
+            progress(f'{label} {row.implementation}: {row.median_ms:.0f} ms '
+                     f'(p90 {row.p90_ms:.0f})')
     return environment('cpu', threads), rows
+
+
+def _time_setting(variant: str, size: Tuple[int, int], dtype: str, batch: int, threads: int,
+                  warmup: int, repeats: int, keep_memory: bool, compile: bool,
+                  seed: int) -> List[TrainStep]:
+    """The rows of one (variant, size, dtype): its candidates in interleaved rounds."""
+    if keep_memory:  # as the latency report: page faults otherwise dominate the spread
+        keep_freed_memory()
+    torch.set_num_threads(threads)
+    macs = count_macs(build_model(variant), size)
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+    timed = {}
+    for impl in ('mmeformer', reference_name(variant)):
+        model = build_train_model(variant, impl, size)
+        timed[impl] = train_step(model, x, level_gradients(model, x), dtype)
+    if compile:
+        model = build_train_model(variant, 'mmeformer', size)
+        timed[COMPILED] = train_step(torch.compile(model), x, level_gradients(model, x), dtype)
+    # An fp32 matmul whatever the step's dtype: one yardstick for every row.
+    timed['matmul'] = square_matmul('cpu', torch.float32)
+    results = time_interleaved(timed, warmup, repeats, 'cpu')
+    matmul_median, _ = results.pop('matmul')
+    peak = gflop_per_s(2 * MATMUL_SIZE ** 3, matmul_median)
+    rows = []
+    for impl, (median, p90) in results.items():
+        achieved = gflop_per_s(3 * 2 * macs * batch, median)
+        rows.append(TrainStep(variant, impl, size[0], size[1], batch, threads, dtype,
+                              round(median, 1), round(p90, 1), round(macs / 1e9, 3),
+                              round(achieved, 1), round(achieved / peak, 3)))
+    return rows
+
+
+def in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a new (spawned) Python process, or, if that process dies before it
+    returns, a line saying how (a SIGKILL is usually the kernel's out-of-memory killer).
+    ``fn`` must be a module-level function, and its result picklable."""
+    context = multiprocessing.get_context('spawn')
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_send_result, args=(send, fn, args), daemon=True)
+    process.start()
+    send.close()  # the child's end: recv() then fails as soon as the child is gone
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = None
+    process.join()
+    if process.exitcode == 0 and result is not None:
+        return result
+    if process.exitcode is not None and process.exitcode < 0:
+        name = signal.Signals(-process.exitcode).name
+        hint = (' (the kernel\'s out-of-memory killer, usually: this setting needs more memory '
+                'than the machine has free)' if name == 'SIGKILL' else '')
+        return f'its process was killed by {name}{hint}'
+    return f'its process failed (exit status {process.exitcode}; its error is printed above)'
+
+
+def _send_result(connection, fn: Callable, args: tuple) -> None:
+    connection.send(fn(*args))
+    connection.close()
 
 
 def ratios(rows: Sequence[TrainStep]) -> List[Tuple[str, str, str, str, str, float]]:
     """(variant, size, dtype, faster, slower, slower ms / faster ms) of every setting timed with
     both: mmeformer against its reference, and mmeformer compiled against eager."""
-    index = {(r.variant, (r.height, r.width), r.dtype, r.implementation): r for r in rows}
+    index = {(r.variant, (r.height, r.width), r.dtype, r.implementation): r for r in rows
+             if r.median_ms is not None}
     out = []
     for (variant, size, dtype, impl), row in index.items():
         slower = {'mmeformer': reference_name(variant), COMPILED: 'mmeformer'}.get(impl)
@@ -168,8 +223,11 @@ def to_markdown(env: Dict, rows: Sequence[TrainStep]) -> str:
              'of matmul | peak MiB |', '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         peak = '' if r.peak_mib is None else f'{r.peak_mib:.0f}'
-        lines.append(f'| {r.variant} | {r.height}x{r.width} | {r.dtype} | {r.implementation} | '
-                     f'{r.median_ms:.0f} | {r.p90_ms:.0f} | {r.gmacs:.2f} | '
+        setting = f'| {r.variant} | {r.height}x{r.width} | {r.dtype} | {r.implementation} | '
+        if r.median_ms is None:
+            lines.append(setting + f'not timed: {r.note} | - | - | - | - | {peak or "-"} |')
+            continue
+        lines.append(setting + f'{r.median_ms:.0f} | {r.p90_ms:.0f} | {r.gmacs:.2f} | '
                      f'{r.gflops_per_s:.0f} | {100 * r.matmul_fraction:.0f}% | {peak} |')
     found = ratios(rows)
     if found:

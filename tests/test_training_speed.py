@@ -1,5 +1,6 @@
 """The training-speed report (benchmarks/training.py, tools/benchmark.py --train) and
 tools/train.py --compile. The speeds themselves live in docs/benchmarks.md, not in tests."""
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,28 @@ def test_training_report_times_mmeformer_against_its_reference():
     text = training.to_markdown(env, rows)
     assert '| efficientformerv2_s0 | 64x64 | float32 | official (re-implemented) |' in text
     assert ' | mmeformer | official (re-implemented) |' in text.split('| speed-up |')[1]
+
+
+def test_a_setting_whose_process_dies_is_reported_not_timed(monkeypatch):
+    """Each setting runs in its own process, so one that the kernel kills (out of memory: L7
+    at 800x1344 on a 24 GiB machine) costs only its rows, which say why."""
+    assert training.in_fresh_process(training.reference_name, 'efficientvit_m0') == 'timm'
+    assert training.in_fresh_process(os.abort) == 'its process was killed by SIGABRT'
+    assert training.in_fresh_process(sys.exit, 3).startswith('its process failed (exit status 3')
+    real = training.in_fresh_process
+    monkeypatch.setattr(training, 'in_fresh_process', lambda fn, variant, *args: (
+        real(os.abort) if variant == 'efficientvit_m0' else real(fn, variant, *args)))
+    env, rows = training.run(['efficientvit_m0', 'efficientvit_m1'], [(64, 64)], ['float32'],
+                             warmup=0, repeats=1, keep_memory=False, progress=lambda line: None)
+    dead = [r for r in rows if r.variant == 'efficientvit_m0']
+    assert [(r.implementation, r.median_ms, r.note) for r in dead] == [
+        ('mmeformer', None, 'its process was killed by SIGABRT'),
+        ('timm', None, 'its process was killed by SIGABRT')]
+    assert all(r.median_ms > 0 for r in rows if r.variant == 'efficientvit_m1')
+    assert [found[0] for found in training.ratios(rows)] == ['efficientvit_m1']
+    text = training.to_markdown(env, rows)
+    assert ('| efficientvit_m0 | 64x64 | float32 | timm | not timed: its process was killed by '
+            'SIGABRT | - | - | - | - | - |') in text
 
 
 def test_detector_iteration_ratio_swaps_the_backbone_time():
