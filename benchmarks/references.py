@@ -14,6 +14,7 @@ from mmeformer.export import (FORMATS, ExportError, calibration_inputs, export_b
 from mmeformer.models import fuse
 
 from .official_reference import build_official_reference
+from .randomize import randomize_
 
 # Deployment runtimes and the export format each runs (fused, fixed-size files).
 EXPORTED = {'onnxruntime': 'onnx', 'openvino': 'openvino', 'litert': 'litert'}
@@ -96,10 +97,13 @@ def candidates(variant: str, base: torch.nn.Module, size: Tuple[int, int],
                                 f'{FORMATS[fmt].suffix}')
             calibration = (calibration_inputs(size, count=BENCHMARK_CALIBRATION_IMAGES)
                            if int8 else None)
+            # int8 quantizes weights of a trained model's scale: on the initial ones EfficientViT's
+            # residual branches are off (zero BN scales), which crashes OpenVINO's CPU plugin.
             # The exporters freeze the attention biases of the size themselves.
+            model = copy.deepcopy(base)
             try:
-                export_backbone(fuse(copy.deepcopy(base)), fmt, path, size, int8=int8,
-                                calibration=calibration)
+                export_backbone(fuse(randomize_(model) if int8 else model), fmt, path, size,
+                                int8=int8, calibration=calibration)
                 run = load_runtime(fmt, path, torch.get_num_threads())
             except ExportError as err:  # the timing loop reports a candidate whose call fails
                 run = functools.partial(_raise, err)

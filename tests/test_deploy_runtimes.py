@@ -105,6 +105,20 @@ def test_openvino_int8_that_crashes_its_plugin_is_refused_not_a_segfault(tmp_pat
         assert len(outputs) == len(model.out_strides)
 
 
+def test_export_tool_int8_efficientvit_on_weights_of_realistic_scale(tmp_path):
+    """The same export as above through tools/export.py --randomize: with its residual branches
+    switched on (random weights of a trained model's scale), EfficientViT's OpenVINO int8
+    compiles and passes the tool's cosine check; the crash belongs to the initial weights."""
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'), 'efficientvit_m0',
+                           '--format', 'openvino', '--int8', '--randomize', '--calib-count', '4',
+                           '--out', str(tmp_path / 'm.xml')], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.search(r'OK: smallest cosine similarity ([\d.]+) \(limit 0.99\); largest '
+                      r'relative difference ([\d.e+-]+)', proc.stdout)
+    assert found and float(found[1]) >= 0.99, proc.stdout
+    assert float(found[2]) > 1e-3, proc.stdout  # quantized for real (float32: ~1e-6)
+
+
 def test_requests_a_format_cannot_do_are_refused_with_the_alternatives(tmp_path):
     with pytest.raises(ExportError, match='litert export does not support a dynamic input size; '
                        'formats that do: onnx, openvino'):

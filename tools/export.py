@@ -26,18 +26,29 @@ printed, exit status 1 above 1e-4. --int8 (onnx: QDQ with per-channel weights; o
 litert: PT2E; calibrated on --calib-count images of --calib-images, default generated toy
 images): the relative difference and the cosine similarity per level on calibration-like images
 are printed, exit status 1 when a level's cosine similarity is below 0.99.
+
+--randomize gives the model random weights of a trained model's scale instead of its initial
+ones, for conversion and int8 checks without a checkpoint: the initial weights switch
+EfficientViT's residual branches off (zero-initialised BatchNorm scales), which leaves the int8
+calibration nothing realistic to measure (and made OpenVINO's CPU plugin crash).
+
+    python tools/export.py all --format litert --int8 --randomize --out outputs/export/int8/
 """
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Tuple
 
 import torch
 
-from mmeformer import export
-from mmeformer.builder import build_model
-from mmeformer.cli import doc_parser
-from mmeformer.models import arch_names, fuse
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the lab (benchmarks/), not installed
+
+from benchmarks.randomize import randomize_  # noqa: E402
+from mmeformer import export  # noqa: E402
+from mmeformer.builder import build_model  # noqa: E402
+from mmeformer.cli import doc_parser  # noqa: E402
+from mmeformer.models import arch_names, fuse  # noqa: E402
 
 INT8_MIN_COSINE = 0.99
 
@@ -55,6 +66,9 @@ def parse_args(argv=None):
                         help='calibration images for --int8 (default: generated toy images)')
     parser.add_argument('--calib-count', type=int, default=32, metavar='N')
     parser.add_argument('--checkpoint', help='weights to load (any supported checkpoint)')
+    parser.add_argument('--randomize', action='store_true',
+                        help='random weights of realistic scale (seed 0) instead of the initial '
+                             'ones; not with --checkpoint')
     parser.add_argument('--with-neck', action='store_true', help='export backbone + neck')
     parser.add_argument('--no-fuse', action='store_true', help='keep BatchNorms unfused')
     parser.add_argument('--opset', type=int, default=export.ONNX_OPSET)
@@ -74,6 +88,8 @@ def parse_args(argv=None):
         parser.error('--calib-images / --calib-count apply to --int8 only')
     if min(args.shape) < 32:
         parser.error('--shape must be at least 32x32')
+    if args.randomize and args.checkpoint:
+        parser.error('--randomize replaces the weights: drop --checkpoint or --randomize')
     return args
 
 
@@ -104,6 +120,8 @@ def export_one(args, arch: str, out: str) -> Tuple[int, str]:
     shape = tuple(args.shape)
     try:
         model = build_model(arch, args.checkpoint, args.with_neck)
+        if args.randomize:
+            randomize_(model)
         if not args.no_fuse:
             fuse(model)  # the exporters freeze the attention biases of a fixed size themselves
         calibration = (export.calibration_inputs(shape, args.calib_images, args.calib_count)
