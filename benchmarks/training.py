@@ -117,6 +117,8 @@ def run(variants: Sequence[str] = None, sizes: Sequence[Tuple[int, int]] = TRAIN
     does not fit in memory (EfficientFormer-L7 at 800x1344 needs more than 24 GiB with both
     candidates) kills only its own process; its rows come back with ``note`` saying so and no
     times."""
+    if keep_memory:  # here only for the report's environment: the settings run in children
+        keep_freed_memory()
     rows = []
     plan = [(v, s, d) for v in (variants or arch_names()) for s in sizes for d in dtypes]
     for index, (variant, size, dtype) in enumerate(plan, 1):
