@@ -98,7 +98,8 @@ def test_openvino_int8_that_crashes_its_plugin_is_refused_not_a_segfault(tmp_pat
     except ExportError as err:
         assert re.fullmatch(r'the OpenVINO CPU plugin crashed \(signal \d+\) compiling the int8 '
                             r'model, so no file was kept; export it in float32 for OpenVINO, or '
-                            r'in int8 for onnx or litert', str(err)), err
+                            r'in int8 for onnx or litert \(seen with initial weights: quantize '
+                            r'a trained checkpoint\)', str(err)), err
         assert list(tmp_path.iterdir()) == []
     else:
         outputs = load_runtime('openvino', str(path))(calibration_inputs(size, count=1)[0])

@@ -52,7 +52,8 @@ def quantize_openvino(converted, calibration: Sequence[np.ndarray]):
 def check_openvino_compiles(path: str) -> None:
     """Compile the IR at ``path`` on the CPU plugin in a child process, and remove it with an
     :class:`ExportError` when the plugin crashes there: OpenVINO 2026.4's CPU plugin dies with
-    SIGSEGV compiling NNCF's int8 EfficientViT (docs/deploy.md, known limits)."""
+    SIGSEGV compiling NNCF's int8 EfficientViT with its initial weights, whose residual branches
+    output exactly zero (docs/deploy.md, known limits)."""
     proc = subprocess.run([sys.executable, '-c', _COMPILE_CHECK, path], capture_output=True,
                           text=True)
     if proc.returncode == 0:
@@ -63,7 +64,8 @@ def check_openvino_compiles(path: str) -> None:
     how = (f'crashed (signal {-proc.returncode})' if proc.returncode < 0 else
            f'failed: {(proc.stderr.strip().splitlines() or ["no message"])[-1]}')
     raise ExportError(f'the OpenVINO CPU plugin {how} compiling the int8 model, so no file was '
-                      'kept; export it in float32 for OpenVINO, or in int8 for onnx or litert')
+                      'kept; export it in float32 for OpenVINO, or in int8 for onnx or litert '
+                      '(seen with initial weights: quantize a trained checkpoint)')
 
 
 def openvino_model(path: str, threads: int) -> Callable[[np.ndarray], List[np.ndarray]]:
