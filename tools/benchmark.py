@@ -29,7 +29,8 @@ evaluation pays for new input sizes, which a fixed-size run never shows.
 (train mode, forward, backward from dense level gradients, AdamW step; see
 benchmarks/training.py) at 512x512 and 800x1344, in float32 and CPU bfloat16 autocast
 (--train-dtypes), against the official code's re-implementation (V1 / V2) or timm (EfficientViT)
-in interleaved rounds, with GFLOP/s (3x the forward MACs) and, unless --no-peak-memory, the
+in interleaved rounds (each setting in its own process: one that runs out of memory is listed
+as not timed), with GFLOP/s (3x the forward MACs) and, unless --no-peak-memory, the
 peak memory of forward + backward measured per candidate in a fresh process (--train-compile
 adds mmeformer under torch.compile to the rounds). --train-detector
 times a toy Mask R-CNN's training iteration per family (--configs) split into backbone, neck
