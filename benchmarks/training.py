@@ -9,8 +9,6 @@ of one (variant, size, dtype) run in interleaved rounds with a square matmul, th
 the achieved GFLOP/s (3x the forward MACs: the backward does about twice the forward's work).
 """
 import contextlib
-import multiprocessing
-import signal
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +19,7 @@ from mmeformer.complexity import count_macs
 from mmeformer.models import arch_names
 
 from .allocator import keep_freed_memory
+from .isolation import in_fresh_process
 from .official_reference import build_official_reference
 from .timing import MATMUL_SIZE, environment, gflop_per_s, square_matmul, time_interleaved
 
@@ -166,35 +165,6 @@ def _time_setting(variant: str, size: Tuple[int, int], dtype: str, batch: int, t
                               round(median, 1), round(p90, 1), round(macs / 1e9, 3),
                               round(achieved, 1), round(achieved / peak, 3)))
     return rows
-
-
-def in_fresh_process(fn: Callable, *args):
-    """``fn(*args)`` in a new (spawned) Python process, or, if that process dies before it
-    returns, a line saying how (a SIGKILL is usually the kernel's out-of-memory killer).
-    ``fn`` must be a module-level function, and its result picklable."""
-    context = multiprocessing.get_context('spawn')
-    receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_send_result, args=(send, fn, args), daemon=True)
-    process.start()
-    send.close()  # the child's end: recv() then fails as soon as the child is gone
-    try:
-        result = receive.recv()
-    except EOFError:
-        result = None
-    process.join()
-    if process.exitcode == 0 and result is not None:
-        return result
-    if process.exitcode is not None and process.exitcode < 0:
-        name = signal.Signals(-process.exitcode).name
-        hint = (' (the kernel\'s out-of-memory killer, usually: this setting needs more memory '
-                'than the machine has free)' if name == 'SIGKILL' else '')
-        return f'its process was killed by {name}{hint}'
-    return f'its process failed (exit status {process.exitcode}; its error is printed above)'
-
-
-def _send_result(connection, fn: Callable, args: tuple) -> None:
-    connection.send(fn(*args))
-    connection.close()
 
 
 def ratios(rows: Sequence[TrainStep]) -> List[Tuple[str, str, str, str, str, float]]:

@@ -41,7 +41,6 @@ and the rest, beside the reference backbone:
 """
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -52,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the lab (benchmarks/) sits beside the package, not installed
 
-from benchmarks import latency, profiling, references, training  # noqa: E402
+from benchmarks import isolation, latency, memory, profiling, references, training  # noqa: E402
 from benchmarks import size_stream as stream  # noqa: E402
 from mmeformer.builder import build_model  # noqa: E402
 from mmeformer.cli import doc_parser, image_size  # noqa: E402
@@ -211,22 +210,19 @@ def size_stream(args, parser) -> int:
     return 0
 
 
-def _in_fresh_processes(calls: List[str], threads: int, keep_failed: bool = False) -> List[dict]:
-    """Run each :mod:`benchmarks.memory` call (Python source returning a dict) in its own
-    process (a process's peak resident set only grows); the rows of those that succeeded (with
+def _in_fresh_processes(calls: List[tuple], threads: int, keep_failed: bool = False) -> List[dict]:
+    """Run each :mod:`benchmarks.memory` call, ``(function, *args)``, in its own process (a
+    process's peak resident set only grows); the rows of those that succeeded (with
     ``keep_failed``, None in place of those that failed)."""
     rows = []
-    for call in calls:
-        code = (f'import json, sys, torch; sys.path.insert(0, {str(ROOT)!r}); '
-                f'from benchmarks import memory; torch.set_num_threads({threads}); '
-                f'print(json.dumps(memory.{call}))')
-        done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f'{call}: failed: {done.stderr.strip().splitlines()[-1]}', flush=True)
+    for fn, *call_args in calls:
+        call = f'{fn.__name__}({", ".join(map(repr, call_args))})'
+        row = isolation.in_fresh_process(isolation.with_threads, threads, fn, *call_args)
+        if isinstance(row, str):  # how its process died
+            print(f'{call}: failed: {row}', flush=True)
             if keep_failed:
                 rows.append(None)
             continue
-        row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f'{call}: ' + ', '.join(f'{key} {value}' for key, value in row.items()
                                       if key.endswith(('_mib', '_s'))), flush=True)
@@ -251,8 +247,8 @@ def train_speed(args) -> int:
                              progress=lambda line: print(line, flush=True))
     if not args.no_peak_memory:
         eager = [r for r in rows if r.implementation != training.COMPILED]
-        calls = [f'train_step_memory({r.variant!r}, ({r.height}, {r.width}), {batch}, '
-                 f'{r.implementation!r}, dtype={r.dtype!r})' for r in eager]
+        calls = [(memory.train_step_memory, r.variant, (r.height, r.width), batch,
+                  r.implementation, 'cpu', r.dtype) for r in eager]
         for row, peak in zip(eager, _in_fresh_processes(calls, args.threads, keep_failed=True)):
             row.peak_mib = None if peak is None else peak['peak_mib']
     write_report(args.out, 'training', training.to_markdown(env, rows),
@@ -279,7 +275,7 @@ def train_memory(args) -> int:
     variants = args.variants or arch_names()
     (h, w), = args.sizes or [(800, 1344)]
     batch = args.batch_sizes[0] if args.batch_sizes != [1] else 2
-    calls = [f'train_step_memory({variant!r}, ({h}, {w}), {batch}, {impl!r}, {args.device!r})'
+    calls = [(memory.train_step_memory, variant, (h, w), batch, impl, args.device)
              for variant in variants
              for impl in ['mmeformer'] + (['official (re-implemented)'] if args.compare and
                                           not variant.startswith('efficientvit_') else [])]
@@ -303,8 +299,8 @@ def eval_memory(args) -> int:
             if args.compare:
                 settings += [(impl, runtime) for impl, runtime, _, _ in
                              references.reference_builders(variant, base, (h, w))]
-            calls += [f'eval_memory({variant!r}, ({h}, {w}), {impl!r}, {runtime!r}, '
-                      f'{args.device!r})' for impl, runtime in settings]
+            calls += [(memory.eval_memory, variant, (h, w), impl, runtime, args.device)
+                      for impl, runtime in settings]
     rows = _in_fresh_processes(calls, args.threads)
     lines = [f'Inference (eval, no grad, batch 1), {args.device}, {args.threads} threads, fp32, '
              'random weights, each in a fresh process. Peak: the first forward, above the model '
