@@ -356,6 +356,8 @@ def test_two_process_run_resumes_exactly(toy_root, tmp_path):
     log = _dist_train(toy_root, tmp_path, tmp_path / 'resumed', '--resume',
                       str(tmp_path / 'reference' / 'iter_2.pth'))
     assert 'Restored the random states of rank 0' in log, log[-4000:]  # rank 0 logs
+    # Launch decisions logged before the Runner's logger exists: once, not once per process.
+    assert len(re.findall(r'CPU training: replaced \d+ SyncBN', log)) == 1, log[-4000:]
     assert re.findall(r'Iter\(train\) \[\s*(\d+)/3\]', log) == ['3'], log[-4000:]
     compared, differ, biggest = _compare(_load(tmp_path / 'reference' / 'iter_3.pth'),
                                          _load(tmp_path / 'resumed' / 'iter_3.pth'))

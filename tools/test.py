@@ -25,7 +25,7 @@ import sys
 
 from mmeformer.checkpoint import CheckpointError
 from mmeformer.cli import doc_parser
-from mmeformer.engine import (LaunchError, add_runner_arguments, load_config,
+from mmeformer.engine import (LaunchError, add_runner_arguments, launcher_rank, load_config,
                               parse_runner_args, test)
 from mmeformer.engine.deployed_backbone import RUNTIME_FORMATS
 from mmeformer.export import ExportError
@@ -74,7 +74,7 @@ def main(argv=None):
         return 2
     # The launcher's rank: test() has closed the process group by now, after which every
     # process would call itself rank 0 and print the metrics too.
-    if int(os.environ.get('RANK', '0')) != 0:
+    if launcher_rank() != 0:
         return 0
     for key, value in metrics.items():
         print(f'{key}: {value}')

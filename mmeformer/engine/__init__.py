@@ -11,8 +11,8 @@ from .errors import ConfigError, LaunchError
 from .loops import ResumableEpochBasedTrainLoop, ResumableIterBasedTrainLoop
 from .inference import infer, list_images
 from .runner import (add_runner_arguments, build_runner, check_checkpoint_for,
-                     default_work_dir, load_config, parse_runner_args, prepare_distributed,
-                     restore_resume_seed, test, train, use_atomic_checkpoints,
+                     default_work_dir, launcher_rank, load_config, parse_runner_args,
+                     prepare_distributed, restore_resume_seed, test, train, use_atomic_checkpoints,
                      use_own_visualizer, use_resumable_epoch_loop, use_resumable_iter_loop)
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     'add_runner_arguments',
     'allow_mmengine_checkpoint_globals', 'atomic_write', 'backbone_out_channels',
     'build_runner', 'check_checkpoint_for', 'check_model_config', 'default_work_dir', 'infer',
+    'launcher_rank',
     'list_images', 'load_config',
     'mmengine_checkpoint_globals', 'parse_runner_args', 'prepare_distributed',
     'restore_resume_seed', 'test', 'train', 'use_atomic_checkpoints', 'use_own_visualizer',

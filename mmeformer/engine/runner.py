@@ -129,6 +129,19 @@ def load_config(config_path: str,
     return cfg
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it (torchrun: ``RANK``, srun: ``SLURM_PROCID``);
+    0 when started alone. Readable before the process group exists and after it is closed."""
+    return int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')))
+
+
+def _log_once(message: str) -> None:
+    """Log a launch decision from the launcher's rank 0 only: before the Runner sets up its
+    logger every process logs at INFO, and each of N processes would print the line."""
+    if launcher_rank() == 0:
+        print_log(message, logger='current')
+
+
 def _enable_amp(cfg: Config, dtype: str) -> None:
     """Switch ``cfg.optim_wrapper`` to mixed precision in ``dtype``: mmengine's
     ``AmpOptimWrapper`` with a GPU, :class:`mmeformer.engine.amp.CPUAmpOptimWrapper` without."""
@@ -137,8 +150,8 @@ def _enable_amp(cfg: Config, dtype: str) -> None:
     wrapper = cfg.optim_wrapper
     wrapper_type = wrapper.get('type', 'OptimWrapper')
     if wrapper_type in ('AmpOptimWrapper', 'mmeformer.CPUAmpOptimWrapper'):
-        print_log(f'AMP is already enabled in the config ({wrapper_type}); setting its dtype '
-                  f'to {dtype}', logger='current')
+        _log_once(f'AMP is already enabled in the config ({wrapper_type}); setting its dtype '
+                  f'to {dtype}')
         if torch.cuda.is_available() or wrapper_type != 'AmpOptimWrapper':
             wrapper.dtype = dtype
             return
@@ -162,7 +175,7 @@ def _enable_amp(cfg: Config, dtype: str) -> None:
             wrapper.setdefault('loss_scale', 'dynamic')
         else:
             wrapper.pop('loss_scale', None)  # bfloat16 needs no loss scaling
-    print_log(f'mixed precision: {wrapper.type} with dtype {dtype}', logger='current')
+    _log_once(f'mixed precision: {wrapper.type} with dtype {dtype}')
 
 
 # -- distributed set-up -------------------------------------------------------------------------
@@ -237,8 +250,8 @@ def prepare_distributed(cfg: Config) -> str:
         _init_cpu_process_group(launcher)
     replaced = _replace_sync_bn(cfg._cfg_dict)
     if replaced:
-        print_log(f'CPU training: replaced {replaced} SyncBN norm config(s) by BN (SyncBN needs '
-                  f'GPUs); the state-dict keys are the same', logger='current')
+        _log_once(f'CPU training: replaced {replaced} SyncBN norm config(s) by BN (SyncBN needs '
+                  f'GPUs); the state-dict keys are the same')
     if cfg.get('model_wrapper_cfg') is None:
         # DDP over CPU modules must not get device_ids (mmengine passes [LOCAL_RANK]).
         cfg.model_wrapper_cfg = dict(
