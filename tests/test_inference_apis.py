@@ -6,6 +6,7 @@ left on; a hostile pickle is still refused and its payload does not run; ``tools
 draws and writes the predictions of every input."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from mmeformer.datasets import make_toy_data
+from mmeformer.engine import allow_mmengine_checkpoint_globals
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -42,10 +44,25 @@ def _run(args, cwd, timeout=600):
     return out.stdout
 
 
+def _dist_train(root, *args):
+    """tools/dist_train.sh with 2 CPU processes (gloo) on a free port."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PORT=str(port), PYTHON=PYTHON, OMP_NUM_THREADS='1',
+               TMPDIR=str(root))  # torchrun writes a torchelastic_* log folder there
+    out = subprocess.run(['bash', str(TOOLS / 'dist_train.sh'), str(SEG_CONFIG), '2',
+                          *[str(a) for a in args]], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out.stdout + out.stderr
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """Toy data (4 training, 2 validation images per task), a toy Mask R-CNN and a toy Semantic
-    FPN trained 2 iterations each by tools/train.py, and a hostile checkpoint file."""
+    FPN trained 2 iterations each by tools/train.py, a toy Semantic FPN trained by 2 processes
+    under --amp (float16) and resumed, and a hostile checkpoint file."""
     root = tmp_path_factory.mktemp('inference_apis')
     make_toy_data(str(root / 'data' / 'toy'), num_train=4, num_val=2)
     options = ['randomness.seed=0', 'default_hooks.checkpoint.interval=2']
@@ -53,6 +70,15 @@ def trained(tmp_path_factory):
           'train_cfg.max_epochs=1', 'train_cfg.val_interval=2', *options], root)
     _run([TOOLS / 'train.py', SEG_CONFIG, '--work-dir', root / 'seg', '--cfg-options',
           'train_cfg.max_iters=2', 'train_cfg.val_interval=2', *options], root)
+    # AMP, distributed and resumed: a checkpoint with a loss scaler and two ranks' states.
+    small = ['train_cfg.val_interval=10', 'val_dataloader=None', 'val_cfg=None',
+             'val_evaluator=None', 'default_hooks.checkpoint.interval=1',
+             'train_dataloader.batch_size=1', 'randomness.seed=0']
+    _dist_train(root, '--work-dir', root / 'amp_dist', '--amp', '--cfg-options',
+                'train_cfg.max_iters=1', *small)
+    log = _dist_train(root, '--work-dir', root / 'amp_dist', '--amp', '--resume',
+                      '--cfg-options', 'train_cfg.max_iters=2', *small)
+    assert 'Restored the random states of rank 0' in log, log[-3000:]
     hostile = root / 'hostile.pth'
     torch.save({'state_dict': {}, 'meta': _Payload(root / 'payload_ran')}, str(hostile))
     return root
@@ -89,16 +115,18 @@ print('RESULT ' + json.dumps(found))
 SEG_SCRIPT = '''
 import json, sys
 from mmseg.apis import MMSegInferencer, inference_model, init_model
-config, checkpoint, image = sys.argv[1:]
+config, image, *checkpoints = sys.argv[1:]
 assert not any(m.startswith('mmeformer') for m in sys.modules)
 found = {}
-sample = inference_model(init_model(config, checkpoint, device='cpu'), image)
-found['inference_model'] = dict(type=type(sample).__name__,
+for checkpoint in checkpoints:
+    sample = inference_model(init_model(config, checkpoint, device='cpu'), image)
+    prediction = MMSegInferencer(model=config, weights=checkpoint, device='cpu')(image)
+    found[checkpoint] = {
+        'inference_model': dict(type=type(sample).__name__,
                                 seg=list(sample.pred_sem_seg.data.shape),
-                                image=list(sample.ori_shape))
-prediction = MMSegInferencer(model=config, weights=checkpoint, device='cpu')(image)
-found['MMSegInferencer'] = dict(keys=sorted(prediction),
-                                seg=list(prediction['predictions'].shape))
+                                image=list(sample.ori_shape)),
+        'MMSegInferencer': dict(keys=sorted(prediction),
+                                seg=list(prediction['predictions'].shape))}
 print('RESULT ' + json.dumps(found))
 '''
 
@@ -151,14 +179,22 @@ def test_mmdet_apis_load_train_checkpoints_and_refuse_a_hostile_pickle(trained):
 
 
 def test_mmseg_apis_load_train_checkpoints(trained):
-    checkpoint = trained / 'seg' / 'iter_2.pth'
+    """A plain checkpoint, and one written by 2 processes under --amp (float16) after a
+    resume."""
+    checkpoint, amp_dist = trained / 'seg' / 'iter_2.pth', trained / 'amp_dist' / 'iter_2.pth'
+    allow_mmengine_checkpoint_globals()
+    record = torch.load(str(amp_dist), map_location='cpu', weights_only=True)
+    assert record['optimizer']['loss_scaler']['scale'] > 0
+    assert record['random_states']['world_size'] == 2 and record['meta']['iter'] == 2
     image = sorted((trained / SEG_IMAGES).iterdir())[0]
-    found = _result(_run(['-c', SEG_SCRIPT, SEG_CONFIG, checkpoint, image], trained))
+    found = _result(_run(['-c', SEG_SCRIPT, SEG_CONFIG, image, checkpoint, amp_dist], trained))
     height, width = cv2.imread(str(image)).shape[:2]
-    assert found['inference_model'] == dict(type='SegDataSample', seg=[1, height, width],
-                                            image=[height, width])
-    assert found['MMSegInferencer'] == dict(keys=['predictions', 'visualization'],
-                                            seg=[height, width])
+    assert sorted(found) == sorted([str(checkpoint), str(amp_dist)])
+    for result in found.values():
+        assert result['inference_model'] == dict(type='SegDataSample', seg=[1, height, width],
+                                                 image=[height, width])
+        assert result['MMSegInferencer'] == dict(keys=['predictions', 'visualization'],
+                                                 seg=[height, width])
 
     out, inputs = _check_infer_tool(trained, SEG_CONFIG, checkpoint, SEG_IMAGES,
                                     {'height', 'width', 'label_map', 'pixels_per_class'})
