@@ -92,3 +92,41 @@ def random_checkpoint(fixture_path, out_path, seed=0, key_order=None):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# A hook that SIGKILLs its own training process at the end of an iteration, after that
+# iteration's optimizer step, log line and checkpoints (their hooks run at higher priority),
+# however fast the machine is.
+KILL_HOOK = '''
+import os
+import signal
+
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class KillAfterIteration(Hook):
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter + 1 == self.iteration:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def kill_after_iteration(config, iteration, folder, hooks=()):
+    """Write a config that trains ``config`` with ``hooks`` plus :data:`KILL_HOOK` killing the
+    process after training iteration ``iteration``; the hook's module goes to ``folder``, which
+    the training process needs on its PYTHONPATH. Returns the config's path."""
+    folder = Path(folder)
+    (folder / 'kill_hook.py').write_text(KILL_HOOK)
+    hooks = [*hooks, dict(type='KillAfterIteration', iteration=iteration, priority='LOWEST')]
+    path = folder / f'killed_{Path(config).stem}.py'
+    path.write_text(f'_base_ = [{str(config)!r}]\n'
+                    "custom_imports = dict(imports=['mmeformer.models', 'kill_hook'], "
+                    'allow_failed_imports=False)\n'
+                    f'custom_hooks = {hooks!r}\n')
+    return path
