@@ -4,12 +4,14 @@ augmentation on and loader workers (persistent or not, or none) in either run.
 
 Checkpoints carry the random states of every rank (AtomicCheckpointHook), each training
 sample's augmentation is seeded from its place in the data stream (mmeformer.engine.sampling)
-and the loops skip the trained batches without loading them (mmeformer.engine.loops). The SIGKILL
-variant (toy Semantic FPN through tools/train.py) is in test_reliability_resume.py."""
+and the loops skip the trained batches without loading them (mmeformer.engine.loops). The toy
+Mask R-CNN is also SIGKILLed inside epoch 2 and resumed through tools/train.py here; the toy
+Semantic FPN's SIGKILL case is in test_reliability_resume.py."""
 import itertools
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import kill_after_iteration
+from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
@@ -231,9 +235,18 @@ def toy_root(tmp_path_factory):
     return root
 
 
-def _small_maskrcnn(cfg, width=32):
-    """128 px images, fewer proposals and RoIs, narrower neck and heads: the toy Mask R-CNN at
-    a fraction of its step time and checkpoint size (RandomFlip stays, prob 0.5)."""
+# A checkpoint after iteration 3, inside epoch 2 (by_epoch=False), beside the epoch checkpoints.
+CHECKPOINT_AT_3 = dict(type='mmeformer.AtomicCheckpointHook', by_epoch=False, interval=3,
+                       save_last=False)
+
+
+def _small_maskrcnn(folder, width=32):
+    """Write the toy Mask R-CNN + EfficientFormer-L1 at a fraction of its step time and
+    checkpoint size: 128 px images, fewer proposals and RoIs, narrower neck and heads (RandomFlip
+    stays, prob 0.5); 2 epochs of 2 iterations (4 images, batch 2), a checkpoint every epoch and
+    one after iteration 3, seed 0, no validation. Returns the config's path, for tools/train.py
+    and for the in-process runs alike."""
+    cfg = Config.fromfile(str(REPO / 'configs' / 'detection' / 'toy' / 'maskrcnn_eformer_l1.py'))
     for step in cfg.train_dataloader.dataset.pipeline:
         if step.type == 'Resize':
             step.scale = (128, 128)
@@ -247,26 +260,24 @@ def _small_maskrcnn(cfg, width=32):
     roi.bbox_head.in_channels = roi.mask_head.in_channels = width
     roi.bbox_head.fc_out_channels = 2 * width
     roi.mask_head.conv_out_channels = width
-
-
-def _train_maskrcnn(work_dir, resume=None, workers=0, persistent=False, restore=True,
-                    iteration_3=False):
-    """2 epochs of 2 iterations (4 images, batch 2), the config's epoch checkpoints every epoch;
-    ``iteration_3``: also a checkpoint after iteration 3, inside epoch 2 (``by_epoch=False``)."""
-    cfg = load_config(
-        str(REPO / 'configs' / 'detection' / 'toy' / 'maskrcnn_eformer_l1.py'),
-        work_dir=str(work_dir), resume=resume, cfg_options={
-            'train_cfg.max_epochs': 2, 'train_cfg.val_interval': 10, 'randomness': dict(seed=0),
-            'default_hooks.checkpoint.interval': 1,
-            'default_hooks.checkpoint.restore_random_states': restore,
-            'default_hooks.logger.interval': 1, 'train_dataloader.num_workers': workers,
-            'train_dataloader.persistent_workers': persistent})
+    cfg.merge_from_dict({'train_cfg.max_epochs': 2, 'train_cfg.val_interval': 10,
+                         'randomness': dict(seed=0), 'default_hooks.checkpoint.interval': 1,
+                         'default_hooks.logger.interval': 1})
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [CHECKPOINT_AT_3]
+    path = Path(folder) / 'small_maskrcnn_eformer_l1.py'
+    cfg.dump(str(path))
+    return path
+
+
+def _train_maskrcnn(config, work_dir, resume=None, workers=0, restore=True):
+    """Train ``config`` in this process (a fresh Runner) to the end of epoch 2."""
+    cfg = load_config(str(config), work_dir=str(work_dir), resume=resume, cfg_options={
+        'default_hooks.checkpoint.restore_random_states': restore,
+        'train_dataloader.num_workers': workers, 'train_dataloader.persistent_workers': False})
     cfg.experiment_name = _unique_name()
-    if iteration_3:
-        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(
-            type='mmeformer.AtomicCheckpointHook', by_epoch=False, interval=3, save_last=False)]
-    _small_maskrcnn(cfg)
+    # Every checkpoint hook restores the random states it finds; the iteration-3 one too.
+    cfg.custom_hooks = [dict(hook, restore_random_states=restore) for hook in cfg.custom_hooks]
     runner = build_runner(cfg)
     runner.train()
     _release_workers(runner)
@@ -274,19 +285,59 @@ def _train_maskrcnn(work_dir, resume=None, workers=0, persistent=False, restore=
     return _load(Path(work_dir) / 'epoch_2.pth'), log.read_text()
 
 
+def _train_tool(config, work_dir, cwd, env, *extra):
+    """tools/train.py as a user runs it; returns the process and its output."""
+    proc = subprocess.run([PYTHON, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir',
+                           str(work_dir), *extra], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    return proc, proc.stdout + proc.stderr
+
+
 def test_maskrcnn_resumes_exactly_from_an_epoch_end_and_from_inside_an_epoch(
         toy_root, tmp_path, monkeypatch):
-    """Toy Mask R-CNN + EfficientFormer-L1 with RandomFlip (prob 0.5): resumed from the epoch
-    checkpoint of epoch 1 (two loader workers) and from a checkpoint inside epoch 2 (iteration
-    3, no worker), each in a fresh Runner, it ends with the weights and AdamW state of the
-    uninterrupted run (one persistent worker), every tensor bit for bit. The mid-epoch resume
-    loads only the one batch it trains. Negative control: the same resume without restoring the
-    random states (RPN / RoI sampling) ends elsewhere."""
-    monkeypatch.chdir(toy_root)
-    reference, _ = _train_maskrcnn(tmp_path / 'reference', workers=1, persistent=True,
-                                   iteration_3=True)
+    """Toy Mask R-CNN + EfficientFormer-L1 with RandomFlip (prob 0.5). The uninterrupted run
+    (tools/train.py, one persistent loader worker) against:
 
-    resumed, log = _train_maskrcnn(tmp_path / 'from_epoch_1', workers=2,
+    * a tools/train.py run SIGKILLed after iteration 3 (inside epoch 2, two loader workers) and
+      finished by ``tools/train.py --resume``, which picks the iteration-3 checkpoint;
+    * a fresh Runner in this process resumed from the epoch-1 checkpoint (two workers) and one
+      resumed from the iteration-3 checkpoint (no worker; it loads only the batch it trains).
+
+    Each ends with the weights and AdamW state of the uninterrupted run, every tensor bit for
+    bit. Negative control: the same resume without restoring the random states (RPN / RoI
+    sampling) ends elsewhere."""
+    config = _small_maskrcnn(tmp_path)
+    # This process's thread count in the tools too: bitwise equality needs the same reductions
+    # (the in-process runs below compare with the tool's reference).
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
+               PYTHONPATH=f'{REPO}{os.pathsep}{tmp_path}')
+    workers = ['--cfg-options', 'train_dataloader.num_workers=2',
+               'train_dataloader.persistent_workers=False']
+    with open(tmp_path / 'reference.log', 'w') as out:
+        uninterrupted = subprocess.Popen(
+            [PYTHON, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir',
+             str(tmp_path / 'reference'), '--cfg-options', 'train_dataloader.num_workers=1',
+             'train_dataloader.persistent_workers=True'],
+            cwd=toy_root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    killed = tmp_path / 'killed'
+    proc, log = _train_tool(kill_after_iteration(config, 3, tmp_path, [CHECKPOINT_AT_3]),
+                            killed, toy_root, env, *workers)
+    assert proc.returncode == -signal.SIGKILL, log[-4000:]
+    assert (killed / 'last_checkpoint').read_text() == str(killed / 'iter_3.pth')
+    proc, log = _train_tool(config, killed, toy_root, env, '--resume', *workers)
+    assert proc.returncode == 0, log[-4000:]
+    assert 'Resuming inside epoch 2: skipping its first 1 of 2 batches' in log, log[-4000:]
+    assert 'Restored the random states of rank 0' in log
+    assert re.findall(r'Epoch\(train\) \[(\d)\]\[\s*(\d)/2\]', log) == [('2', '2')], log[-4000:]
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / 'reference.log').read_text()[-4000:]
+    reference = _load(tmp_path / 'reference' / 'epoch_2.pth')
+    compared, differ, biggest = _compare(reference, _load(killed / 'epoch_2.pth'))
+    print(f'SIGKILLed after iteration 3, tools/train.py --resume: {differ} of {compared} '
+          f'tensors differ, max |diff| {biggest}')
+    assert (differ, biggest) == (0, 0.0) and compared > 500
+
+    monkeypatch.chdir(toy_root)
+    resumed, log = _train_maskrcnn(config, tmp_path / 'from_epoch_1', workers=2,
                                    resume=str(tmp_path / 'reference' / 'epoch_1.pth'))
     assert 'Restored the random states of rank 0' in log
     assert 'resumed epoch: 1, iter: 2' in log and 'skipping' not in log
@@ -299,15 +350,15 @@ def test_maskrcnn_resumes_exactly_from_an_epoch_end_and_from_inside_an_epoch(
     load = SeededSampleDataset.__getitem__
     monkeypatch.setattr(SeededSampleDataset, '__getitem__',
                         lambda self, index: loaded.append(int(index)) or load(self, index))
-    resumed, log = _train_maskrcnn(tmp_path / 'from_3',
+    resumed, log = _train_maskrcnn(config, tmp_path / 'from_3',
                                    resume=str(tmp_path / 'reference' / 'iter_3.pth'))
     assert 'skipping its first 1 of 2 batches' in log and len(loaded) == 2, loaded
     compared, differ, biggest = _compare(reference, resumed)
     print(f'resumed from iteration 3: {differ} of {compared} tensors differ, max |diff| '
           f'{biggest}')
-    assert (differ, biggest) == (0, 0.0) and compared > 500
+    assert (differ, biggest) == (0, 0.0)
 
-    control, _ = _train_maskrcnn(tmp_path / 'control', restore=False,
+    control, _ = _train_maskrcnn(config, tmp_path / 'control', restore=False,
                                  resume=str(tmp_path / 'reference' / 'iter_3.pth'))
     compared, differ, biggest = _compare(reference, control)
     print(f'control, resumed from iteration 3 without the random states: {differ} of '
