@@ -96,13 +96,15 @@ def _build(config, bias_img_size):
     return cfg, model
 
 
-# mmdet's own init_detector in a fresh interpreter (the config's custom_imports brings the
-# models in): every backbone tensor of the model holds the converted file's value.
-INIT_DETECTOR_SCRIPT = '''
-import json, sys, torch
-from mmdet.apis import init_detector
-config, path, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-model = init_detector(config, path, device='cpu', cfg_options=options or None)
+# mmdet's own init_detector / mmseg's init_model in a fresh interpreter (the config's
+# custom_imports brings the models in): every backbone tensor of the model holds the converted
+# file's value.
+INIT_SCRIPT = '''
+import importlib, json, sys, torch
+api, config, path, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+module, name = api.rsplit('.', 1)
+init = getattr(importlib.import_module(module), name)
+model = init(config, path, device='cpu', cfg_options=options or None)
 saved = torch.load(path, map_location='cpu', weights_only=True)['state_dict']
 backbone = {k: v for k, v in model.state_dict().items() if k.startswith('backbone.')}
 print('RESULT ' + json.dumps(dict(
@@ -110,13 +112,15 @@ print('RESULT ' + json.dumps(dict(
     other_values=sorted(k for k in backbone.keys() & saved.keys()
                         if not torch.equal(backbone[k], saved[k])))))
 '''
-INIT_DETECTOR_CASES = ('v1_l1_maskrcnn', 'ev_m4_maskrcnn')
+INIT_APIS = {'v1_l1_maskrcnn': 'mmdet.apis.init_detector',
+             'ev_m4_maskrcnn': 'mmdet.apis.init_detector',
+             'v1_l1_semfpn': 'mmseg.apis.init_model'}
 
 
-def _check_init_detector(config, converted, bias_img_size):
+def _check_init_api(api, config, converted, bias_img_size):
     options = {} if bias_img_size is None else {'model.backbone.bias_mode': 'official',
                                                 'model.backbone.bias_img_size': bias_img_size}
-    out = subprocess.run([sys.executable, '-c', INIT_DETECTOR_SCRIPT,
+    out = subprocess.run([sys.executable, '-c', INIT_SCRIPT, api,
                           str(REPO / 'configs' / config), str(converted), json.dumps(options)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -165,8 +169,8 @@ def test_converted_release_loads_into_the_full_model(case, tmp_path, capsys):
                          tables='written', model_keys=list(backbone_part(model_state)))
     check_against_source(backbone_part(loaded), backbone_part(state), fixture)
 
-    if case in INIT_DETECTOR_CASES:
-        _check_init_detector(config, converted, bias_img_size)
+    if case in INIT_APIS:
+        _check_init_api(INIT_APIS[case], config, converted, bias_img_size)
 
     # tools/test.py refuses the training config (table mode) for a V1/V2 release.
     if bias_img_size is not None:
