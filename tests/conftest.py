@@ -4,6 +4,9 @@ import json
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -130,3 +133,20 @@ def kill_after_iteration(config, iteration, folder, hooks=()):
                     'allow_failed_imports=False)\n'
                     f'custom_hooks = {hooks!r}\n')
     return path
+
+
+def free_port():
+    """A TCP port nobody listens on now, for a launcher's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def dist_launch(script, args, cwd, tmp_dir, timeout=600):
+    """``bash tools/SCRIPT ARGS`` (dist_train.sh / dist_test.sh: torchrun, gloo on CPU) on a
+    free port, one thread per process, torchrun's torchelastic_* log folder under ``tmp_dir``;
+    returns the finished process, its output captured."""
+    env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable, OMP_NUM_THREADS='1',
+               TMPDIR=str(tmp_dir))
+    return subprocess.run(['bash', str(REPO / 'tools' / script), *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)

@@ -6,13 +6,13 @@ import json
 import os
 import pickle
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import dist_launch, free_port
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
@@ -156,23 +156,14 @@ def test_train_resume_and_learn_on_toy_data(case, toy_root, tmp_path, monkeypatc
         assert metrics[key] >= floor, (key, metrics)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 def test_dist_train_two_cpu_processes_then_test(toy_root, tmp_path):
     config = str(REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_eformerv2_s0.py')
     work_dir = tmp_path / 'dist'
-    # TMPDIR: torchrun writes a torchelastic_* log folder there; keep it under tmp_path.
-    env = dict(os.environ, PORT=str(_free_port()), PYTHON=PYTHON, OMP_NUM_THREADS='1',
-               TMPDIR=str(tmp_path))
-    train_run = subprocess.run(
-        ['bash', str(REPO / 'tools' / 'dist_train.sh'), config, '2', '--work-dir', str(work_dir),
-         '--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=10',
-         'default_hooks.checkpoint.interval=2', 'train_dataloader.batch_size=2'],
-        cwd=toy_root, env=env, capture_output=True, text=True, timeout=600)
+    train_run = dist_launch(
+        'dist_train.sh', [config, 2, '--work-dir', work_dir, '--cfg-options',
+                          'train_cfg.max_iters=2', 'train_cfg.val_interval=10',
+                          'default_hooks.checkpoint.interval=2', 'train_dataloader.batch_size=2'],
+        toy_root, tmp_path)
     log = train_run.stdout + train_run.stderr
     assert train_run.returncode == 0, log[-4000:]
     assert "'backend': 'gloo'" in log or 'gloo' in log
@@ -185,13 +176,10 @@ def test_dist_train_two_cpu_processes_then_test(toy_root, tmp_path):
     # takes half of the validation images, the metric gathers them): the same mIoU.
     test_run = subprocess.run(
         [PYTHON, str(REPO / 'tools' / 'test.py'), config, str(checkpoint), '--work-dir',
-         str(tmp_path / 'test')], cwd=toy_root, env=env, capture_output=True, text=True,
-        timeout=600)
-    dist_env = dict(env, PORT=str(_free_port()))
-    dist_run = subprocess.run(
-        ['bash', str(REPO / 'tools' / 'dist_test.sh'), config, str(checkpoint), '2',
-         '--work-dir', str(tmp_path / 'dist_test')], cwd=toy_root, env=dist_env,
+         str(tmp_path / 'test')], cwd=toy_root, env=dict(os.environ, OMP_NUM_THREADS='1'),
         capture_output=True, text=True, timeout=600)
+    dist_run = dist_launch('dist_test.sh', [config, checkpoint, 2, '--work-dir',
+                                            tmp_path / 'dist_test'], toy_root, tmp_path)
     metrics = []
     for run in (test_run, dist_run):
         assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
@@ -222,7 +210,7 @@ def test_distributed_train_and_test_leave_no_process_group_to_the_interpreter_ex
 
     def launch():  # torchrun's environment for one process
         for key, value in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
-                               MASTER_PORT=str(_free_port())).items():
+                               MASTER_PORT=str(free_port())).items():
             monkeypatch.setenv(key, value)
         return load_config(config, work_dir=str(tmp_path / 'work'), launcher='pytorch',
                            cfg_options=options)

@@ -6,7 +6,6 @@ left on; a hostile pickle is still refused and its payload does not run; ``tools
 draws and writes the predictions of every input."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
+from conftest import dist_launch
 
 from mmeformer.datasets import make_toy_data
 from mmeformer.engine import allow_mmengine_checkpoint_globals
@@ -45,15 +45,8 @@ def _run(args, cwd, timeout=600):
 
 
 def _dist_train(root, *args):
-    """tools/dist_train.sh with 2 CPU processes (gloo) on a free port."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, PORT=str(port), PYTHON=PYTHON, OMP_NUM_THREADS='1',
-               TMPDIR=str(root))  # torchrun writes a torchelastic_* log folder there
-    out = subprocess.run(['bash', str(TOOLS / 'dist_train.sh'), str(SEG_CONFIG), '2',
-                          *[str(a) for a in args]], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
+    """tools/dist_train.sh SEG_CONFIG with 2 CPU processes (gloo)."""
+    out = dist_launch('dist_train.sh', [SEG_CONFIG, 2, *args], root, root)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out.stdout + out.stderr
 

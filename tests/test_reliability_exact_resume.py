@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import kill_after_iteration
+from conftest import dist_launch, kill_after_iteration
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
@@ -367,26 +366,15 @@ def test_maskrcnn_resumes_exactly_from_an_epoch_end_and_from_inside_an_epoch(
 
 
 # -- 2 CPU processes (gloo), toy Semantic FPN + EfficientViT-M4, iteration-based -----------------
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 def _dist_train(toy_root, tmp_path, work_dir, *extra):
     config = REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_efficientvit_m4.py'
-    # TMPDIR: torchrun writes a torchelastic_* log folder there.
-    env = dict(os.environ, PORT=str(_free_port()), PYTHON=PYTHON, OMP_NUM_THREADS='1',
-               TMPDIR=str(tmp_path))
-    proc = subprocess.run(
-        ['bash', str(REPO / 'tools' / 'dist_train.sh'), str(config), '2', '--work-dir',
-         str(work_dir), *extra, '--cfg-options', 'train_cfg.max_iters=3',
-         'train_cfg.val_interval=10', 'val_dataloader=None', 'val_cfg=None',
-         'val_evaluator=None', 'default_hooks.checkpoint.interval=2',
-         'default_hooks.logger.interval=1', 'train_dataloader.batch_size=2',
-         'train_dataloader.num_workers=1', 'train_dataloader.persistent_workers=False',
-         'randomness.seed=0', 'randomness.diff_rank_seed=True'],
-        cwd=toy_root, env=env, capture_output=True, text=True, timeout=600)
+    proc = dist_launch('dist_train.sh', [
+        config, 2, '--work-dir', work_dir, *extra, '--cfg-options', 'train_cfg.max_iters=3',
+        'train_cfg.val_interval=10', 'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None',
+        'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
+        'train_dataloader.batch_size=2', 'train_dataloader.num_workers=1',
+        'train_dataloader.persistent_workers=False', 'randomness.seed=0',
+        'randomness.diff_rank_seed=True'], toy_root, tmp_path)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
