@@ -27,8 +27,8 @@ from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
 from mmeformer.datasets import make_toy_data
-from mmeformer.engine import (LaunchError, allow_mmengine_checkpoint_globals, build_runner,
-                              load_config)
+from mmeformer.engine import (LaunchError, MMEformerRunner, allow_mmengine_checkpoint_globals,
+                              build_runner, load_config)
 from mmeformer.engine.random_state import (capture_random_state, gather_random_states,
                                            restore_random_state, seeded_random_state)
 from mmeformer.engine.sampling import SampleKey, SeededSampleDataset
@@ -278,6 +278,7 @@ def _train_maskrcnn(config, work_dir, resume=None, workers=0, restore=True):
     # Every checkpoint hook restores the random states it finds; the iteration-3 one too.
     cfg.custom_hooks = [dict(hook, restore_random_states=restore) for hook in cfg.custom_hooks]
     runner = build_runner(cfg)
+    assert isinstance(runner, MMEformerRunner)  # its loader workers die with the process
     runner.train()
     _release_workers(runner)
     [log] = Path(work_dir).glob('*/*.log')
@@ -285,10 +286,12 @@ def _train_maskrcnn(config, work_dir, resume=None, workers=0, restore=True):
 
 
 def _train_tool(config, work_dir, cwd, env, *extra):
-    """tools/train.py as a user runs it; returns the process and its output."""
+    """tools/train.py as a user runs it; returns the process and its output. (A killed run
+    that times out here left loader workers holding its output pipe:
+    mmeformer/engine/workers.py.)"""
     proc = subprocess.run([PYTHON, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir',
                            str(work_dir), *extra], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=300)
     return proc, proc.stdout + proc.stderr
 
 

@@ -286,14 +286,15 @@ def test_tools_use_the_atomic_hook_and_the_resumable_loop():
 
 
 # -- loader workers of a killed process -------------------------------------------------------
-# The training loader as the resumable loops build it (mmengine's build_dataloader over
-# seeded_dataloader_config), two workers whose samples (8 MB numpy arrays, pickled through the
-# result pipe) fill that pipe; the process prints its workers' pids and SIGKILLs itself.
+# A training loader as the resumable loops build it (seeded_dataloader_config) and a plain one as
+# the validation loop builds it, both through the Runner build_runner makes, two workers each
+# whose samples (8 MB numpy arrays, pickled through the result pipe) fill that pipe; the
+# process prints its workers' pids and SIGKILLs itself.
 ORPHAN_CHILD = textwrap.dedent('''
     import os, signal
     import numpy as np
-    from mmengine.runner import Runner
     from torch.utils.data import Dataset
+    from mmeformer.engine import MMEformerRunner
     from mmeformer.engine.sampling import seeded_dataloader_config
 
     class Big(Dataset):
@@ -303,12 +304,14 @@ ORPHAN_CHILD = textwrap.dedent('''
         def __getitem__(self, index):
             return np.full(1 << 20, float(index))
 
-    loader = Runner.build_dataloader(seeded_dataloader_config(dict(
-        dataset=Big(), batch_size=1, num_workers=2, persistent_workers=False,
-        sampler=dict(type='DefaultSampler', shuffle=False)), seed=0), seed=0)
-    batches = iter(loader)
-    next(batches)
-    print(' '.join(str(w.pid) for w in batches._workers), flush=True)
+    plain = dict(dataset=Big(), batch_size=1, num_workers=2, persistent_workers=False,
+                 sampler=dict(type='DefaultSampler', shuffle=False))
+    pids = []
+    for loader in (seeded_dataloader_config(plain, seed=0), plain):
+        batches = iter(MMEformerRunner.build_dataloader(loader, seed=0))
+        next(batches)
+        pids += [w.pid for w in batches._workers]
+    print(' '.join(map(str, pids)), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 ''')
 
@@ -326,13 +329,13 @@ def _alive(pid):
 def test_loader_workers_die_with_a_killed_training_process(tmp_path):
     """torch's workers of a SIGKILLed process leave their loop but then wait forever to flush
     their full result pipe (measured: orphans of a killed toy Mask R-CNN run still there 25
-    minutes later, 700 MB each, and holding the run's stdout open). The training loader's
-    workers die with it."""
+    minutes later, 700 MB each, and holding the run's stdout open). The workers of the
+    training and validation loaders die with it."""
     out = tmp_path / 'child.out'  # a file, not a pipe: orphans would hold a pipe open
     with open(out, 'w') as stdout:
         proc = subprocess.run([PYTHON, '-c', ORPHAN_CHILD], env=_child_env(), stdout=stdout,
                               stderr=subprocess.STDOUT, timeout=120)
-    pids = [int(p) for p in out.read_text().split()[-2:]]
+    pids = [int(p) for p in out.read_text().split()[-4:]]
     try:
         assert proc.returncode == -signal.SIGKILL, out.read_text()[-3000:]
         deadline = time.monotonic() + 20

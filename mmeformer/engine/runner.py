@@ -39,6 +39,7 @@ from ..safe_globals import allow_mmengine_checkpoint_globals
 from .amp import AMP_DTYPES
 from .config_check import check_model_config
 from .errors import LaunchError
+from .workers import die_with_parent_config
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 
@@ -346,11 +347,24 @@ def use_own_visualizer(cfg: Config) -> Optional[str]:
     return visualizer['name']
 
 
+class MMEformerRunner(Runner):
+    """mmengine's ``Runner`` whose data loaders (training, validation, test: every loop builds
+    its loader through :meth:`build_dataloader`) have workers that die with the process
+    (:mod:`mmeformer.engine.workers`); otherwise the same."""
+
+    @staticmethod
+    def build_dataloader(dataloader, seed: Optional[int] = None, diff_rank_seed: bool = False):
+        if isinstance(dataloader, dict):
+            dataloader = dict(dataloader)
+            dataloader['worker_init_fn'] = die_with_parent_config(dataloader, seed)
+        return Runner.build_dataloader(dataloader, seed=seed, diff_rank_seed=diff_rank_seed)
+
+
 def build_runner(cfg: Config):
     """Check the model config, allow-list mmengine's checkpoint globals, make checkpoint
     writing atomic and mid-epoch resumption exact (loop, seed), give the run its own
-    visualizer, set up distribution and build the Runner (from the task's own registry when
-    the config sets ``runner_type``)."""
+    visualizer, set up distribution and build the Runner: :class:`MMEformerRunner`, or the
+    task registry's ``runner_type`` when the config sets one."""
     check_model_config(cfg)
     allow_mmengine_checkpoint_globals()
     use_atomic_checkpoints(cfg)
@@ -361,7 +375,7 @@ def build_runner(cfg: Config):
     prepare_distributed(cfg)
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    return MMEformerRunner.from_cfg(cfg)
 
 
 def _close_process_group() -> None:

@@ -25,7 +25,6 @@ from mmengine.registry import DATA_SAMPLERS, DATASETS
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from .random_state import seeded_random_state
-from .workers import die_with_parent_config
 
 
 class SampleKey(int):
@@ -162,8 +161,7 @@ def seeded_dataloader_config(dataloader: dict, seed: int, wait: bool = False) ->
     """A copy of the training ``dataloader`` config whose dataset, batch sampler and loader
     generator make its randomness a function of the stream position (see the module doc); the
     loader's own generator (worker base seeds) is private, so creating a loader iterator draws
-    nothing from torch's global generator. Its workers die with the process
-    (:mod:`mmeformer.engine.workers`)."""
+    nothing from torch's global generator."""
     cfg = copy.copy(dict(dataloader))
     cfg['dataset'] = dict(type=SeededSampleDataset, dataset=cfg['dataset'])
     cfg.setdefault('batch_size', 1)
@@ -171,5 +169,4 @@ def seeded_dataloader_config(dataloader: dict, seed: int, wait: bool = False) ->
                                 batch_sampler=cfg.get('batch_sampler'),
                                 drop_last=cfg.pop('drop_last', False))
     cfg['generator'] = torch.Generator().manual_seed(int(seed) % (1 << 63))
-    cfg['worker_init_fn'] = die_with_parent_config(cfg, seed)
     return cfg

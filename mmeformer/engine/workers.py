@@ -6,7 +6,8 @@ exit then joins the thread that feeds their result pipe. If the pipe is full (pr
 nobody reads; the workers themselves still hold its read end), that join never returns: the
 orphaned workers sleep forever, each holding the memory of a training process, and a caller
 that waits for the job's output pipe waits with them. On Linux the workers of the training
-loader are asked (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to be killed with their parent instead;
+loaders built by :class:`mmeformer.engine.runner.MMEformerRunner` (training, validation and
+test) are asked (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to be killed with their parent instead;
 elsewhere torch's behaviour stays.
 """
 import ctypes
@@ -43,18 +44,20 @@ def die_with_parent(worker_id: int, parent_pid: int, init: Optional[Callable] = 
         init(worker_id, **init_kwargs)
 
 
-def die_with_parent_config(dataloader: dict, seed: int) -> dict:
+def die_with_parent_config(dataloader: dict, seed: Optional[int]) -> dict:
     """The ``worker_init_fn`` config for ``dataloader`` (a config dict, changed in place: its
     ``disable_subprocess_warning`` goes into the new entry) that wraps the worker set-up mmengine
     would have used: the config's own ``worker_init_fn``, else mmengine's seeding of each worker
-    from ``seed``, the rank and the worker id."""
+    from ``seed``, the rank and the worker id (none without a seed)."""
     own = dataloader.get('worker_init_fn')
+    init_kwargs = {}
     if own is not None:
-        own = dict(own)
-        init = own.pop('type')
-        init_kwargs = own
+        init_kwargs = dict(own)
+        init = init_kwargs.pop('type')
         if isinstance(init, str):
             init = FUNCTIONS.get(init)
+    elif seed is None:
+        init = None
     else:
         init = mmengine_worker_init_fn
         init_kwargs = dict(num_workers=dataloader.get('num_workers', 0), rank=get_rank(),
