@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import kill_after_iteration
@@ -345,6 +346,41 @@ def test_loader_workers_die_with_a_killed_training_process(tmp_path):
     finally:
         for pid in filter(_alive, pids):
             os.kill(pid, signal.SIGKILL)
+
+
+class _WorkerState(torch.utils.data.Dataset):
+    """Reports what the worker set-up left: a config's own init's mark and numpy's first
+    number."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return os.environ.get('MMEFORMER_TEST_MARK'), float(np.random.rand())
+
+
+def _mark_worker(worker_id, value):
+    os.environ['MMEFORMER_TEST_MARK'] = f'{value}-{worker_id}'
+
+
+def test_workers_keep_the_set_up_they_would_have_had():
+    """Besides dying with the process, the workers run the worker set-up mmengine would have
+    run: the config's own worker_init_fn with its arguments, else mmengine's seeding (numpy
+    seeded with num_workers * rank + worker_id + seed)."""
+    from mmeformer.engine import MMEformerRunner
+
+    def first(**extra):
+        loader = MMEformerRunner.build_dataloader(dict(
+            dataset=_WorkerState(), batch_size=1, num_workers=1, persistent_workers=False,
+            sampler=dict(type='DefaultSampler', shuffle=False), collate_fn=dict(
+                type='pseudo_collate'), **extra), seed=7)
+        (mark, ), (number, ) = next(iter(loader))  # pseudo_collate: one tuple per field
+        return mark, number
+
+    assert first(worker_init_fn=dict(type=_mark_worker, value='own'))[0] == 'own-0'
+    mark, number = first()
+    np.random.seed(7)
+    assert mark is None and number == float(np.random.rand())
 
 
 # -- SIGKILL mid-epoch and --resume through tools/train.py ---------------------------------------

@@ -5,10 +5,10 @@ When a training process is killed (SIGKILL: the out-of-memory killer, a preempte
 exit then joins the thread that feeds their result pipe. If the pipe is full (prefetched batches
 nobody reads; the workers themselves still hold its read end), that join never returns: the
 orphaned workers sleep forever, each holding the memory of a training process, and a caller
-that waits for the job's output pipe waits with them. On Linux the workers of the training
-loaders built by :class:`mmeformer.engine.runner.MMEformerRunner` (training, validation and
-test) are asked (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to be killed with their parent instead;
-elsewhere torch's behaviour stays.
+that waits for the job's output pipe waits with them. On Linux the workers of every loader
+that :class:`mmeformer.engine.runner.MMEformerRunner` builds (training, validation and test) are
+asked (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to be killed with their parent instead; elsewhere
+torch's behaviour stays.
 """
 import ctypes
 import os
@@ -45,20 +45,19 @@ def die_with_parent(worker_id: int, parent_pid: int, init: Optional[Callable] = 
 
 
 def die_with_parent_config(dataloader: dict, seed: Optional[int]) -> dict:
-    """The ``worker_init_fn`` config for ``dataloader`` (a config dict, changed in place: its
-    ``disable_subprocess_warning`` goes into the new entry) that wraps the worker set-up mmengine
-    would have used: the config's own ``worker_init_fn``, else mmengine's seeding of each worker
-    from ``seed``, the rank and the worker id (none without a seed)."""
+    """The ``worker_init_fn`` config for ``dataloader`` (a config dict) that wraps the worker
+    set-up mmengine would have used: the config's own ``worker_init_fn``, else mmengine's
+    seeding of each worker from ``seed``, the rank and the worker id (none without a seed). As
+    mmengine does for its seeding, that case moves ``disable_subprocess_warning`` out of
+    ``dataloader`` (changed in place) into the new entry."""
     own = dataloader.get('worker_init_fn')
-    init_kwargs = {}
+    init, init_kwargs = None, {}
     if own is not None:
         init_kwargs = dict(own)
         init = init_kwargs.pop('type')
         if isinstance(init, str):
             init = FUNCTIONS.get(init)
-    elif seed is None:
-        init = None
-    else:
+    elif seed is not None:
         init = mmengine_worker_init_fn
         init_kwargs = dict(num_workers=dataloader.get('num_workers', 0), rank=get_rank(),
                            seed=seed, disable_subprocess_warning=dataloader.pop(
