@@ -120,6 +120,12 @@ class KillAfterIteration(Hook):
 '''
 
 
+def train_command(config, work_dir, *extra):
+    """The command line of ``tools/train.py CONFIG --work-dir WORK_DIR EXTRA...``."""
+    return [sys.executable, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir',
+            str(work_dir), *map(str, extra)]
+
+
 def kill_after_iteration(config, iteration, folder, hooks=()):
     """Write a config that trains ``config`` with ``hooks`` plus :data:`KILL_HOOK` killing the
     process after training iteration ``iteration``; the hook's module goes to ``folder``, which

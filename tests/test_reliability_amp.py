@@ -8,11 +8,11 @@ import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_command
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmeformer.datasets import make_toy_data
@@ -156,11 +156,11 @@ def test_train_tool_amp_option_on_cpu(toy_ade, tmp_path):
     """``tools/train.py --amp-dtype bfloat16`` (CLI path) trains on CPU with finite losses."""
     config = REPO / 'configs' / 'segmentation' / 'toy' / 'semfpn_efficientvit_m4.py'
     proc = subprocess.run(
-        [sys.executable, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir',
-         str(tmp_path / 'work'), '--amp-dtype', 'bfloat16', '--cfg-options',
-         'train_cfg.max_iters=2', 'train_cfg.val_interval=100', 'val_dataloader=None',
-         'val_cfg=None', 'val_evaluator=None', 'default_hooks.logger.interval=1',
-         'default_hooks.checkpoint.interval=2', 'train_dataloader.batch_size=2'],
+        train_command(config, tmp_path / 'work', '--amp-dtype', 'bfloat16', '--cfg-options',
+                      'train_cfg.max_iters=2', 'train_cfg.val_interval=100',
+                      'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None',
+                      'default_hooks.logger.interval=1', 'default_hooks.checkpoint.interval=2',
+                      'train_dataloader.batch_size=2'),
         cwd=toy_ade, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
         timeout=300)
     log = proc.stdout + proc.stderr

@@ -13,14 +13,13 @@ import random
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import dist_launch, kill_after_iteration
+from conftest import dist_launch, kill_after_iteration, train_command
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
@@ -34,7 +33,6 @@ from mmeformer.engine.random_state import (capture_random_state, gather_random_s
 from mmeformer.engine.sampling import SampleKey, SeededSampleDataset
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 
 
 def _load(path):
@@ -289,9 +287,8 @@ def _train_tool(config, work_dir, cwd, env, *extra):
     """tools/train.py as a user runs it; returns the process and its output. (A killed run
     that times out here left loader workers holding its output pipe:
     mmeformer/engine/workers.py.)"""
-    proc = subprocess.run([PYTHON, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir',
-                           str(work_dir), *extra], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(train_command(config, work_dir, *extra), cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
     return proc, proc.stdout + proc.stderr
 
 
@@ -317,9 +314,9 @@ def test_maskrcnn_resumes_exactly_from_an_epoch_end_and_from_inside_an_epoch(
                'train_dataloader.persistent_workers=False']
     with open(tmp_path / 'reference.log', 'w') as out:
         uninterrupted = subprocess.Popen(
-            [PYTHON, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir',
-             str(tmp_path / 'reference'), '--cfg-options', 'train_dataloader.num_workers=1',
-             'train_dataloader.persistent_workers=True'],
+            train_command(config, tmp_path / 'reference', '--cfg-options',
+                          'train_dataloader.num_workers=1',
+                          'train_dataloader.persistent_workers=True'),
             cwd=toy_root, env=env, stdout=out, stderr=subprocess.STDOUT)
     killed = tmp_path / 'killed'
     proc, log = _train_tool(kill_after_iteration(config, 3, tmp_path, [CHECKPOINT_AT_3]),

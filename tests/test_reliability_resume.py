@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import kill_after_iteration
+from conftest import kill_after_iteration, train_command
 
 from mmeformer.datasets import make_toy_data
 from mmeformer.engine import allow_mmengine_checkpoint_globals
@@ -400,11 +400,6 @@ default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
 SEED = 1234
 
 
-def _train_cmd(config, work_dir, *extra):
-    return [PYTHON, str(REPO / 'tools' / 'train.py'), str(config), '--work-dir', str(work_dir),
-            *extra]
-
-
 def _logged(work_dir, key):
     """{iteration: value} of a scalar logged by the runs in ``work_dir`` (vis_data)."""
     values = {}
@@ -447,7 +442,7 @@ def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path):
     reference_log = tmp_path / 'reference.log'
     with open(reference_log, 'w') as out:
         reference = subprocess.Popen(
-            _train_cmd(config, tmp_path / 'reference', '--cfg-options',
+            train_command(config, tmp_path / 'reference', '--cfg-options',
                        f'randomness.seed={SEED}'),
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -457,7 +452,7 @@ def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path):
     env_run1 = dict(env, PYTHONPATH=f'{env["PYTHONPATH"]}{os.pathsep}{tmp_path}')
     # Run 1 alone fixes its seed; the resumed run (its config sets none) takes it from the
     # checkpoint.
-    proc = subprocess.run(_train_cmd(killed_config, work, '--cfg-options',
+    proc = subprocess.run(train_command(killed_config, work, '--cfg-options',
                                      f'randomness.seed={SEED}'),
                           cwd=tmp_path, env=env_run1, capture_output=True, text=True,
                           timeout=300)
@@ -471,7 +466,7 @@ def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path):
     assert _partials(work) == []
 
     # 2. --resume (latest checkpoint of the work dir) runs to the end.
-    resumed = subprocess.run(_train_cmd(config, work, '--resume'), cwd=tmp_path, env=env,
+    resumed = subprocess.run(train_command(config, work, '--resume'), cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)
     run2 = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, run2[-4000:]
